@@ -1,0 +1,1 @@
+"""Compute kernels for Olmo Hybrid models (installed as ``megatron_hybrid.kernels``)."""

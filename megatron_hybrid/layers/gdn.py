@@ -1,0 +1,195 @@
+"""Olmo Hybrid's Gated DeltaNet mixer, tensor-parallel over heads.
+
+Shape legend: s sequence, b batch, H heads on this TP rank, K key head dim, V value head dim,
+C conv channels on this rank (= H * (2K + V)), D model width.
+
+Projection layout (decided for FP8 and for checkpoint resharding):
+- ``in_proj`` is ONE column-parallel GEMM whose output rows are grouped **per head**:
+  ``[q_h (K) | k_h (K) | v_h (V) | g_h (V)]`` for h = 0..heads-1. Olmo-7B: 30 x 576 = 17280
+  rows, a multiple of 16 (FP8-aligned) at TP 1, 2, 3, 5, ...; upstream's fused width 17340 is
+  not. Because every TP shard is a run of whole heads, megatron's plain column-parallel
+  checkpoint sharding reshards it at any TP without custom split logic.
+- ``ab_proj`` (the decay input a and beta input b, ``[a_h | b_h]`` per head) is a separate
+  tiny GEMM (2 x heads rows): it cannot be FP8-aligned and the decay is precision-sensitive,
+  so it stays in the model's higher precision.
+- One depthwise conv weight over the per-head ``[q|k|v]`` channels; A_log / dt_bias per head.
+  All of these are sharded by heads like the projections.
+- ``out_norm.weight`` (one [V] vector) is *replicated* but used inside the TP region, where each
+  rank sees different heads: its gradient is summed over TP in autograd (copy-to-TP-region),
+  so it is right with or without sequence parallelism (upstream Megatron-LM bug #7452).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_hybrid import mcore
+from megatron_hybrid.kernels.conv import causal_conv1d
+from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
+
+
+@dataclass
+class GDNSubmodules:
+    in_proj: type | mcore.ModuleSpec = None
+    ab_proj: type | mcore.ModuleSpec = None
+    out_proj: type | mcore.ModuleSpec = None
+
+
+@dataclass(frozen=True)
+class GDNShape:
+    """Everything the mixer needs beyond megatron's TransformerConfig (see OlmoHybridConfig)."""
+
+    num_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int = 4
+    allow_neg_eigval: bool = True
+    norm_eps: float = 1e-5
+    a_log_range: tuple[float, float] = (0.0, 16.0)
+    dt_range: tuple[float, float] = (1e-3, 1e-1)
+    dt_init_floor: float = 1e-4
+    init_std: float = 0.02
+    backend: str = "auto"
+
+
+def _trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
+    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class OlmoGatedDeltaNet(mcore.MegatronModule):
+    """GDN mixer: returns ``(output [s, b, D], None)`` like megatron's attention modules."""
+
+    def __init__(
+        self,
+        config: mcore.TransformerConfig,
+        submodules: GDNSubmodules,
+        layer_number: int = 1,
+        gdn: GDNShape = None,
+        pg_collection=None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        self.gdn = gdn
+        self.layer_number = layer_number
+        self.tp_group = pg_collection.tp
+        tp = self.tp_group.size()
+        rank = self.tp_group.rank()
+        if gdn.num_heads % tp:
+            raise ValueError(f"GDN heads ({gdn.num_heads}) must be divisible by TP size ({tp})")
+        H, K, V = gdn.num_heads // tp, gdn.head_k_dim, gdn.head_v_dim
+        self.local_heads = H
+        self.per_head_in = 2 * K + 2 * V
+        common = dict(config=config, bias=False, skip_bias_add=False, is_expert=False)
+        common["tp_group"] = self.tp_group
+        self.in_proj = mcore.build_module(
+            submodules.in_proj,
+            config.hidden_size,
+            gdn.num_heads * self.per_head_in,
+            init_method=config.init_method,
+            gather_output=False,
+            tp_comm_buffer_name="gdn_in_proj",
+            **common,
+        )
+        self.ab_proj = mcore.build_module(
+            submodules.ab_proj,
+            config.hidden_size,
+            gdn.num_heads * 2,
+            init_method=config.init_method,
+            gather_output=False,
+            tp_comm_buffer_name="gdn_ab_proj",
+            **common,
+        )
+        self.out_proj = mcore.build_module(
+            submodules.out_proj,
+            gdn.num_heads * V,
+            config.hidden_size,
+            init_method=config.output_layer_init_method,
+            input_is_parallel=True,
+            tp_comm_buffer_name="gdn_out_proj",
+            **common,
+        )
+
+        # Per-head parameters: initialise the full tensor with the seeded CPU RNG, keep this
+        # rank's heads, so that the model is identical at every TP size.
+        dtype = config.params_dtype
+        conv_full = _trunc_normal_(
+            torch.empty(gdn.num_heads, 2 * K + V, gdn.conv_kernel), gdn.init_std
+        )
+        a_lo, a_hi = gdn.a_log_range
+        a_log_full = torch.empty(gdn.num_heads).uniform_(a_lo, a_hi).log()
+        lo, hi = math.log(gdn.dt_range[0]), math.log(gdn.dt_range[1])
+        dt = torch.exp(torch.rand(gdn.num_heads) * (hi - lo) + lo).clamp(min=gdn.dt_init_floor)
+        dt_bias_full = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+        heads = slice(rank * H, (rank + 1) * H)
+        self.conv_weight = nn.Parameter(conv_full[heads].reshape(H * (2 * K + V), -1).to(dtype))
+        self.A_log = nn.Parameter(a_log_full[heads].to(dtype))
+        self.dt_bias = nn.Parameter(dt_bias_full[heads].to(dtype))
+        for p in (self.conv_weight, self.A_log, self.dt_bias):
+            mcore.set_tensor_model_parallel_attributes(p, True, 0, 1)
+        self.out_norm_weight = nn.Parameter(torch.ones(V, dtype=dtype))
+
+    def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **_unused):
+        g_cfg = self.gdn
+        H, K, V = self.local_heads, g_cfg.head_k_dim, g_cfg.head_v_dim
+        proj_sbX, _ = self.in_proj(hidden_states)  # sequence-gathered if SP
+        ab_sbX, _ = self.ab_proj(hidden_states)
+        s, b = proj_sbX.shape[:2]
+        proj_bshX = proj_sbX.transpose(0, 1).reshape(b, s, H, self.per_head_in)
+        qkv_bsC = proj_bshX[..., : 2 * K + V].reshape(b, s, H * (2 * K + V))
+        gate_bshV = proj_bshX[..., 2 * K + V :]
+
+        cu_seqlens = None
+        if packed_seq_params is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+        qkv_bsC = causal_conv1d(qkv_bsC, self.conv_weight, cu_seqlens=cu_seqlens, activation="silu")
+        qkv_bshX = qkv_bsC.view(b, s, H, 2 * K + V)
+        q_bshK, k_bshK, v_bshV = qkv_bshX.split([K, K, V], dim=-1)
+
+        ab_bsh2 = ab_sbX.transpose(0, 1).reshape(b, s, H, 2)
+        a_bsh, b_bsh = ab_bsh2[..., 0], ab_bsh2[..., 1]
+        beta_bsh = b_bsh.sigmoid()
+        if g_cfg.allow_neg_eigval:
+            beta_bsh = beta_bsh * 2.0  # eigenvalues of (I - beta k k^T) in (-1, 1]
+        # log-decay in fp32: g = -exp(A_log) * softplus(a + dt_bias) <= 0
+        g_bsh = -self.A_log.float().exp() * F.softplus(a_bsh.float() + self.dt_bias.float())
+
+        o_bshV, _ = chunk_gated_delta_rule(
+            q_bshK,
+            k_bshK,
+            v_bshV,
+            g_bsh,
+            beta_bsh,
+            scale=K**-0.5,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+            backend=g_cfg.backend,
+        )
+
+        # Gated RMSNorm per head over V: norm(o) * w * silu(gate), HF's cast order.
+        w = mcore.copy_to_tensor_model_parallel_region(self.out_norm_weight, group=self.tp_group)
+        o32 = o_bshV.float()
+        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + g_cfg.norm_eps)
+        y = (w * o32.to(o_bshV.dtype)) * F.silu(gate_bshV.float())
+        y_sbX = y.to(o_bshV.dtype).reshape(b, s, H * V).transpose(0, 1).contiguous()
+        out, bias = self.out_proj(y_sbX)
+        return out, bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = {n: p for n, p in self.named_parameters(recurse=False) if n != "out_norm_weight"}
+        dp_cp = (metadata or {}).get("dp_cp_group")
+        sharded = mcore.make_sharded_tensors_for_checkpoint(
+            {n: p for n, p in own.items()},
+            prefix,
+            {n: 0 for n in own},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=dp_cp,
+        )
+        sd.update(sharded)
+        return sd

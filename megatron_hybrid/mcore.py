@@ -1,0 +1,48 @@
+"""The one place that imports megatron-core internals.
+
+Everything else in megatron_hybrid imports megatron-core names from here, so a megatron-core
+upgrade (symbols move between minor releases: GPTModel -> HybridModel, parallel_state ->
+ProcessGroupCollection, ...) is fixed in this file. Pinned: megatron-core 0.19.2.
+"""
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: F401
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: F401
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: F401
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules  # noqa: F401
+from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols as LayerSymbols  # noqa: F401
+from megatron.core.models.hybrid.hybrid_model import HybridModel  # noqa: F401
+from megatron.core.packed_seq_params import PackedSeqParams  # noqa: F401
+from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: F401
+from megatron.core.tensor_parallel import (  # noqa: F401
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import (  # noqa: F401
+    _initialize_affine_weight_cpu,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.transformer.enums import AttnMaskType  # noqa: F401
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp  # noqa: F401
+from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: F401
+from megatron.core.transformer.module import MegatronModule  # noqa: F401
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module  # noqa: F401
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: F401
+from megatron.core.transformer.transformer_layer import (  # noqa: F401
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint  # noqa: F401
+
+
+def te_modules():
+    """Transformer Engine wrappers from megatron-core; imported lazily (GPU environments only)."""
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    if not getattr(te_ext, "HAVE_TE", False):
+        raise RuntimeError(
+            "the 'te' layer spec needs Transformer Engine (pip install -e '.[gpu]'); "
+            "use the 'local' spec on CPU"
+        )
+    return te_ext

@@ -1,0 +1,274 @@
+"""Architecture config of an Olmo-Hybrid model: the single source of truth for its shape.
+
+Everything megatron-core needs (TransformerConfig, layer pattern, layer specs) is derived from
+this dataclass; HF ``olmo_hybrid`` configs convert to and from it (hf_mapping.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+GDN_BLOCK, ATTENTION_BLOCK = "gdn", "attention"
+_SYMBOL = {GDN_BLOCK: "G", ATTENTION_BLOCK: "*"}
+
+
+class ConfigError(ValueError):
+    """A model or parallel config that cannot work; the message names the field and value."""
+
+
+@dataclass
+class OlmoHybridConfig:
+    """Shape of an Olmo-Hybrid model (defaults = the released allenai/Olmo-Hybrid-7B)."""
+
+    vocab_size: int = 100352
+    """Rows of the embedding and output layer (tokenizer size padded, e.g. to a multiple of 128)."""
+    hidden_size: int = 3840
+    """Model width D."""
+    num_layers: int = 32
+    """Number of blocks (= HF layers). Each block is a mixer (GDN or attention) plus an MLP."""
+    block_types: tuple[str, ...] | None = None
+    """Per block "gdn" or "attention"; None = attention every 4th block (i % 4 == 3), as released."""
+    intermediate_size: int = 11008
+    """SwiGLU hidden width of every MLP."""
+    norm_eps: float = 1e-6
+    """Epsilon of the block norms, the QK norms and the final norm."""
+    init_std: float = 0.02
+    """Std of the truncated-normal (+-3 std) init of every linear, conv and embedding."""
+
+    num_attention_heads: int = 30
+    """Query heads of the attention blocks; head dim = hidden_size / num_attention_heads."""
+    num_key_value_heads: int = 30
+    """KV heads (< num_attention_heads = GQA). Must divide the query heads and be divisible by TP."""
+    rope_theta: float | None = None
+    """RoPE base; None = no positional encoding (NoPE, as in the released checkpoints). Olmo Hybrid
+    pretrains with 500,000 and drops RoPE for the long-context stage."""
+    max_position_embeddings: int = 65536
+    """Longest sequence the RoPE tables are built for."""
+
+    gdn_num_heads: int = 30
+    """GDN heads (key heads = value heads). Must be divisible by TP."""
+    gdn_head_k_dim: int = 96
+    """GDN key/query head dim K (state is K x V per head)."""
+    gdn_head_v_dim: int = 192
+    """GDN value head dim V."""
+    gdn_conv_kernel: int = 4
+    """Width of the causal depthwise convs on q, k, v."""
+    gdn_allow_neg_eigval: bool = True
+    """beta = 2*sigmoid (eigenvalues of the transition in (-1, 1]); False = sigmoid (HF flag
+    ``linear_allow_neg_eigval``). The negative range is what lets GDN track state (the paper)."""
+    gdn_norm_eps: float = 1e-5
+    """Epsilon of GDN's gated output RMSNorm (fla's default; differs from norm_eps)."""
+    gdn_a_log_range: tuple[float, float] = (0.0, 16.0)
+    """A is initialised U(range); A_log = log(A)."""
+    gdn_dt_range: tuple[float, float] = (1e-3, 1e-1)
+    """dt initialised log-uniform in this range; dt_bias = softplus^-1(dt)."""
+    gdn_dt_init_floor: float = 1e-4
+    """Lower clamp of the initial dt."""
+    gdn_backend: str = "auto"
+    """Recurrence implementation: auto | torch | triton | fla (see megatron_hybrid.kernels.gdn)."""
+
+    eos_token_id: int | None = 100257
+    """End-of-document token (dolma2 tokenizer); written to HF configs."""
+    pad_token_id: int | None = 100277
+    """Padding token id written to HF configs."""
+    tie_word_embeddings: bool = False
+    """Olmo Hybrid unties input and output embeddings."""
+
+    def __post_init__(self):
+        if self.block_types is None:
+            self.block_types = tuple(
+                ATTENTION_BLOCK if i % 4 == 3 else GDN_BLOCK for i in range(self.num_layers)
+            )
+        self.block_types = tuple(self.block_types)
+        self.validate()
+
+    # ---- derived -----------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def layer_pattern(self, pipeline_splits: int = 1) -> str:
+        """megatron-core pattern, e.g. ``G-G-G-*-``; ``|`` between equal pipeline segments."""
+        blocks = [_SYMBOL[t] + "-" for t in self.block_types]
+        if pipeline_splits == 1:
+            return "".join(blocks)
+        if len(blocks) % pipeline_splits:
+            raise ConfigError(
+                f"{len(blocks)} blocks cannot be split evenly into {pipeline_splits} pipeline "
+                "segments; give the boundaries with '|' in the layer pattern"
+            )
+        per = len(blocks) // pipeline_splits
+        return "|".join("".join(blocks[i : i + per]) for i in range(0, len(blocks), per))
+
+    @classmethod
+    def block_types_from_pattern(cls, pattern: str) -> tuple[str, ...]:
+        """``G-G-G-*-`` (``|`` allowed between blocks) -> block types; clear error otherwise."""
+        body = pattern.replace("|", "")
+        if len(body) % 2 or any(
+            body[i] not in "G*" or body[i + 1] != "-" for i in range(0, len(body), 2)
+        ):
+            raise ConfigError(
+                f"hybrid layer pattern {pattern!r}: Olmo-Hybrid blocks are 'G-' (GDN + MLP) or "
+                "'*-' (attention + MLP), optionally separated by '|'"
+            )
+        return tuple(
+            GDN_BLOCK if body[i] == "G" else ATTENTION_BLOCK for i in range(0, len(body), 2)
+        )
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(
+            len(self.block_types) == self.num_layers,
+            f"block_types has {len(self.block_types)} entries but num_layers={self.num_layers}",
+        )
+        bad = [t for t in self.block_types if t not in (GDN_BLOCK, ATTENTION_BLOCK)]
+        need(not bad, f"block_types: unknown block type {bad[:1]} (use 'gdn' or 'attention')")
+        need(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"hidden_size={self.hidden_size} is not divisible by "
+            f"num_attention_heads={self.num_attention_heads}",
+        )
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads={self.num_key_value_heads}",
+        )
+        need(self.gdn_conv_kernel >= 1, f"gdn_conv_kernel={self.gdn_conv_kernel} must be >= 1")
+        need(
+            self.gdn_backend in ("auto", "torch", "triton", "fla", "naive"),
+            f"gdn_backend={self.gdn_backend!r}: use auto, torch, triton or fla",
+        )
+        need(
+            not self.tie_word_embeddings, "tie_word_embeddings=True is not supported (Olmo unties)"
+        )
+
+    def check_parallel(self, tensor_parallel: int) -> None:
+        """Raise a ConfigError naming the numbers if this model cannot be split over TP ranks."""
+        for name in ("num_attention_heads", "num_key_value_heads", "gdn_num_heads"):
+            if getattr(self, name) % tensor_parallel:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} is not divisible by tensor parallel size "
+                    f"{tensor_parallel}"
+                )
+        if self.intermediate_size % tensor_parallel:
+            raise ConfigError(
+                f"intermediate_size={self.intermediate_size} is not divisible by "
+                f"tensor parallel size {tensor_parallel}"
+            )
+        if self.vocab_size % tensor_parallel:
+            raise ConfigError(
+                f"vocab_size={self.vocab_size} is not divisible by tensor parallel "
+                f"size {tensor_parallel} (pad it, e.g. to a multiple of 128)"
+            )
+
+    def replace(self, **changes) -> OlmoHybridConfig:
+        if "num_layers" in changes and "block_types" not in changes:
+            changes["block_types"] = None
+        return dataclasses.replace(self, **changes)
+
+    # ---- counts ------------------------------------------------------------------------------
+    def num_params_by_type(self) -> dict[str, int]:
+        D, V = self.hidden_size, self.vocab_size
+        H, K, Vd = self.gdn_num_heads, self.gdn_head_k_dim, self.gdn_head_v_dim
+        mlp = 3 * D * self.intermediate_size
+        gdn = (
+            D * H * (2 * K + 2 * Vd)
+            + D * 2 * H
+            + H * Vd * D
+            + H * (2 * K + Vd) * self.gdn_conv_kernel
+            + 2 * H
+            + Vd
+        )
+        n_kv = self.num_key_value_heads * self.head_dim
+        attn = D * (D + 2 * n_kv) + D * D + D + n_kv
+        n_gdn = self.block_types.count(GDN_BLOCK)
+        n_att = self.block_types.count(ATTENTION_BLOCK)
+        return {
+            "embedding": V * D,
+            "gdn_mixers": n_gdn * gdn,
+            "attention_mixers": n_att * attn,
+            "mlps": self.num_layers * mlp,
+            "norms": self.num_layers * 2 * D + D,
+            "output_layer": V * D,
+        }
+
+    def num_params(self) -> int:
+        return sum(self.num_params_by_type().values())
+
+    # ---- megatron-core -----------------------------------------------------------------------
+    def transformer_config(
+        self,
+        *,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        virtual_pipeline: int | None = None,
+        context_parallel: int = 1,
+        sequence_parallel: bool = False,
+        params_dtype=torch.float32,
+        use_cpu_initialization: bool | None = None,
+        **overrides,
+    ):
+        """The megatron-core TransformerConfig for this model and parallel layout."""
+        from megatron_hybrid import mcore
+
+        self.check_parallel(tensor_parallel)
+        cpu = not torch.cuda.is_available()
+        init = partial(
+            torch.nn.init.trunc_normal_,
+            mean=0.0,
+            std=self.init_std,
+            a=-3 * self.init_std,
+            b=3 * self.init_std,
+        )
+        kwargs = dict(
+            num_layers=2 * self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_key_value_heads,
+            kv_channels=self.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method=init,
+            output_layer_init_method=init,
+            embedding_init_method=init,
+            init_method_std=self.init_std,
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            pipeline_dtype=params_dtype,
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline,
+            context_parallel_size=context_parallel,
+            sequence_parallel=sequence_parallel,
+            use_cpu_initialization=cpu
+            if use_cpu_initialization is None
+            else use_cpu_initialization,
+            bias_dropout_fusion=not cpu,
+            apply_rope_fusion=False,
+            masked_softmax_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+        )
+        kwargs.update(overrides)
+        return mcore.TransformerConfig(**kwargs)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["block_types"] = list(self.block_types)
+        return d

@@ -1,0 +1,116 @@
+"""Layer specs for Olmo Hybrid in two flavours built from one description.
+
+- ``local``: megatron's Column/RowParallelLinear, torch RMSNorm and torch SDPA attention. Runs on
+  any device (CPU CI, GPUs without Transformer Engine).
+- ``te``: Transformer Engine linears, norms and TEDotProductAttention (GPU; FP8-capable).
+
+Sub-layers (megatron-core HybridStack symbols):
+    G  TransformerLayer(input_layernorm=RMSNorm, self_attention=OlmoGatedDeltaNet)   pre-norm
+    *  TransformerLayer(self_attention=OlmoSelfAttention incl. its post-norm)       post-norm
+    -  OlmoMLPLayer (SwiGLU; pre- or post-norm, set by OlmoHybridStack)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_hybrid import mcore
+from megatron_hybrid.layers.attention import (
+    OlmoAttentionSubmodules,
+    OlmoSelfAttention,
+    TorchCausalAttention,
+)
+from megatron_hybrid.layers.gdn import GDNShape, GDNSubmodules, OlmoGatedDeltaNet
+from megatron_hybrid.layers.mlp_layer import OlmoMLPLayer, OlmoMLPLayerSubmodules
+from megatron_hybrid.layers.norms import RMSNorm
+from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.models.olmo_hybrid.stack import OlmoHybridStack
+
+FLAVOURS = ("local", "te")
+
+
+@dataclass(frozen=True)
+class _Parts:
+    column: type
+    row: type
+    norm: type
+    core_attention: type
+
+
+def _parts(flavour: str) -> _Parts:
+    if flavour == "local":
+        return _Parts(
+            mcore.ColumnParallelLinear, mcore.RowParallelLinear, RMSNorm, TorchCausalAttention
+        )
+    if flavour == "te":
+        te = mcore.te_modules()
+        return _Parts(
+            te.TEColumnParallelLinear, te.TERowParallelLinear, te.TENorm, te.TEDotProductAttention
+        )
+    raise ValueError(f"unknown layer-spec flavour {flavour!r}; choose one of {FLAVOURS}")
+
+
+def gdn_shape(cfg: OlmoHybridConfig) -> GDNShape:
+    return GDNShape(
+        num_heads=cfg.gdn_num_heads,
+        head_k_dim=cfg.gdn_head_k_dim,
+        head_v_dim=cfg.gdn_head_v_dim,
+        conv_kernel=cfg.gdn_conv_kernel,
+        allow_neg_eigval=cfg.gdn_allow_neg_eigval,
+        norm_eps=cfg.gdn_norm_eps,
+        a_log_range=tuple(cfg.gdn_a_log_range),
+        dt_range=tuple(cfg.gdn_dt_range),
+        dt_init_floor=cfg.gdn_dt_init_floor,
+        init_std=cfg.init_std,
+        backend=cfg.gdn_backend,
+    )
+
+
+def stack_spec(cfg: OlmoHybridConfig, flavour: str = "local") -> mcore.ModuleSpec:
+    """The HybridStack spec (pass to HybridModel as ``hybrid_stack_spec``)."""
+    p = _parts(flavour)
+    gdn_layer = mcore.ModuleSpec(
+        module=mcore.TransformerLayer,
+        submodules=mcore.TransformerLayerSubmodules(
+            input_layernorm=p.norm,
+            self_attention=mcore.ModuleSpec(
+                module=OlmoGatedDeltaNet,
+                params={"gdn": gdn_shape(cfg)},
+                submodules=GDNSubmodules(in_proj=p.column, ab_proj=p.column, out_proj=p.row),
+            ),
+            self_attn_bda=mcore.get_bias_dropout_add,
+        ),
+    )
+    attention_layer = mcore.ModuleSpec(
+        module=mcore.TransformerLayer,
+        submodules=mcore.TransformerLayerSubmodules(
+            self_attention=mcore.ModuleSpec(
+                module=OlmoSelfAttention,
+                params={"qk_norm_eps": cfg.norm_eps},
+                submodules=OlmoAttentionSubmodules(
+                    linear_qkv=p.column,
+                    core_attention=p.core_attention,
+                    linear_proj=p.row,
+                    post_norm=p.norm,
+                ),
+            ),
+            self_attn_bda=mcore.get_bias_dropout_add,
+        ),
+    )
+    mlp_layer = mcore.ModuleSpec(
+        module=OlmoMLPLayer,
+        submodules=OlmoMLPLayerSubmodules(
+            norm=p.norm,
+            mlp=mcore.ModuleSpec(
+                module=mcore.MLP,
+                submodules=mcore.MLPSubmodules(linear_fc1=p.column, linear_fc2=p.row),
+            ),
+        ),
+    )
+    return mcore.ModuleSpec(
+        module=OlmoHybridStack,
+        params={"final_norm": p.norm},
+        submodules=mcore.HybridStackSubmodules(
+            gdn_layer=gdn_layer, attention_layer=attention_layer, mlp_layer=mlp_layer
+        ),
+    )

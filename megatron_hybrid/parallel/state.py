@@ -1,0 +1,85 @@
+"""Start torch.distributed and megatron-core's model-parallel groups (NCCL on GPU, gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megatron_hybrid import mcore
+from megatron_hybrid.parallel.cpu_shim import install_cpu_shim
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Sizes of each parallel dimension; data parallel is whatever the world size leaves."""
+
+    tensor: int = 1
+    """Tensor-parallel size: splits heads and MLP columns; must divide every head count."""
+    pipeline: int = 1
+    """Pipeline-parallel size: splits the layer pattern into consecutive stages."""
+    virtual_pipeline: int | None = None
+    """Virtual stages per pipeline rank (interleaved schedule); None = not interleaved."""
+    context: int = 1
+    """Context-parallel size: splits the sequence."""
+    sequence_parallel: bool = False
+    """Shard norms/dropout activations along the sequence inside TP regions (needs tensor > 1)."""
+
+    def data_parallel(self, world_size: int) -> int:
+        model = self.tensor * self.pipeline * self.context
+        if world_size % model:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP({self.tensor}) x "
+                f"PP({self.pipeline}) x CP({self.context}) = {model}"
+            )
+        return world_size // model
+
+
+def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> None:
+    """Initialise torch.distributed from the torchrun environment (or a 1-rank default).
+
+    On CPU the megatron-core shim is installed first and the backend is gloo.
+    """
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        install_cpu_shim()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        rank = int(os.environ.setdefault("RANK", "0"))
+        world = int(os.environ.setdefault("WORLD_SIZE", "1"))
+        if not cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend="gloo" if cpu else "nccl", rank=rank, world_size=world
+        )
+    world = torch.distributed.get_world_size()
+    layout.data_parallel(world)  # raises with the numbers if impossible
+    if mcore.parallel_state.model_parallel_is_initialized():
+        mcore.parallel_state.destroy_model_parallel()
+    mcore.parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch and megatron's TP-aware RNG tracker (same seed on every rank for init)."""
+    torch.manual_seed(seed)
+    mcore.tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    if mcore.parallel_state.model_parallel_is_initialized():
+        mcore.parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def process_groups():
+    """megatron-core's ProcessGroupCollection built from the initialised parallel state."""
+    return mcore.ProcessGroupCollection.use_mpu_process_groups()
