@@ -1,0 +1,51 @@
+"""Shared test helpers: run a command under torchrun (gloo on CPU) and parse PARITY lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_HF_CONFIG = ROOT / "tests" / "data" / "tiny_hf_config.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` (``torchrun --nproc-per-node nproc`` when nproc > 1) from the repo root."""
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def hf_config_variant(tmp_path: Path, name: str = "cfg", **changes) -> Path:
+    cfg = json.loads(TINY_HF_CONFIG.read_text())
+    cfg.update(changes)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture
+def make_hf_config(tmp_path):
+    return lambda name="cfg", **changes: hf_config_variant(tmp_path, name, **changes)
