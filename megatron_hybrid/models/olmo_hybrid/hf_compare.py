@@ -37,6 +37,8 @@ class ParityResult:
     grad_max_rel_err: float | None = None
     grad_worst_param: str | None = None
     grads_ok: bool | None = None
+    spec: str = "local"
+    device: str = "cpu"
 
     @property
     def ok(self) -> bool:
@@ -90,7 +92,10 @@ def run_parity(args) -> ParityResult:
     tcfg = cfg.transformer_config(
         tensor_parallel=args.tp, sequence_parallel=args.sequence_parallel, params_dtype=dtype
     )
-    ours = build_model(cfg, tcfg, parallel_output=False)
+    from megatron_hybrid.models.olmo_hybrid.model import default_flavour
+
+    flavour = default_flavour() if args.spec == "auto" else args.spec
+    ours = build_model(cfg, tcfg, parallel_output=False, flavour=flavour)
     full = hf_to_megatron(split_fused_conv(hf.state_dict(), cfg), cfg)
     local = shard_for_rank(full, ours, tp_rank, args.tp)
     missing, unexpected = ours.load_state_dict(local, strict=False)
@@ -128,7 +133,15 @@ def run_parity(args) -> ParityResult:
             logits_ok = False
     else:
         logits_ok = cos.min().item() >= 0.99 and agree >= 0.9
-    res = ParityResult(diff.max().item(), diff.mean().item(), cos.mean().item(), agree, logits_ok)
+    res = ParityResult(
+        diff.max().item(),
+        diff.mean().item(),
+        cos.mean().item(),
+        agree,
+        logits_ok,
+        spec=flavour,
+        device=str(device),
+    )
 
     if args.grads:
         _compare_grads(
@@ -198,6 +211,12 @@ def parse_args(argv=None):
         action="store_true",
         help="also backprop a next-token loss and compare every parameter's gradient",
     )
+    p.add_argument(
+        "--spec",
+        choices=["auto", "local", "te"],
+        default="auto",
+        help="layer-spec flavour of our model (auto: te on a GPU with TE, else local)",
+    )
     p.add_argument("--gdn-backend", default="auto", help="GDN recurrence backend (auto|torch|...)")
     return p.parse_args(argv)
 
@@ -221,7 +240,10 @@ def main(argv=None) -> int:
         if res.grads_ok is not None:
             print(f"grads: max relative error {res.grad_max_rel_err:.3e} ({res.grad_worst_param})")
         verdict = "PARITY OK" if res.ok else "PARITY FAIL"
-        print(f"{verdict} tp={args.tp} dtype={args.dtype} seq={args.seq_len} batch={args.batch}")
+        print(
+            f"{verdict} tp={args.tp} dtype={args.dtype} seq={args.seq_len} batch={args.batch} "
+            f"spec={res.spec} device={res.device}"
+        )
     from megatron_hybrid.parallel import state
 
     state.destroy()
