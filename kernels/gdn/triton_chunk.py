@@ -1,0 +1,651 @@
+"""Chunked Gated DeltaNet in Triton (forward and backward), deterministic by construction.
+
+Same maths as :mod:`.chunk_torch` (read its docstring for the derivation). Per head, per chunk of
+``C = 64`` tokens with entering state ``S`` [K, V], in-chunk cumulative log decay ``G``,
+``Gam = exp(G)``, ``gam = exp(G_last)`` and ``D_tj = exp(G_t - G_j)`` (``j <= t``)::
+
+    A   = strict_lower(diag(beta) (k k^T) * D)       Tinv = (I + A)^-1          (UT transform)
+    W   = Tinv diag(beta Gam) k                       U    = Tinv diag(beta) v
+    u   = U - W S                                     (the delta-rule updates "v_new")
+    o   = diag(Gam) q S + ((q k^T) * D) u             (q pre-scaled)
+    S'  = gam S + (k * gam / Gam)^T u
+
+Backward (``dS'`` the gradient of the state leaving the chunk, ``dU' = Tinv^T du``)::
+
+    du  = ((q k^T) * D)^T do + (k * gam / Gam) dS'
+    dS  = gam dS' + (Gam q)^T do - W^T du                      (reverse pass over chunks)
+    dA  = -strict_lower(dU' u^T)  (because u = Tinv Y with Y = beta v - beta Gam k S)
+    dv  = beta dU',  dq, dk, dbeta, dG from the chunk-local terms; dg = reverse cumsum of dG.
+
+Kernels (grid in brackets; NC chunks over all sequences, N sequences, H heads):
+
+* ``_fwd_prep_kernel``   [NC, H]     G = cumsum(g), Tinv by forward substitution, W and U
+* ``_fwd_state_kernel``  [V/BV, N*H] sequential over a sequence's chunks: S per chunk, u, final S
+* ``_fwd_output_kernel`` [V/BV, NC, H] o
+* ``_bwd_state_kernel``  [V/BV, N*H] reverse over chunks: dS' per chunk, du, d(initial state)
+* ``_bwd_chunk_kernel``  [NC, H]     dq, dk, dv, dbeta, dg of one chunk
+
+Determinism: no atomics. Every output element is written by exactly one program, and every
+reduction (over K, V, chunk rows, the in-chunk reverse cumsum for dg) runs in a fixed order
+inside that program, so two runs with the same inputs are bitwise equal.
+
+Sequences (rows of the batch, or ``cu_seqlens`` packs) are cut into chunks that never straddle a
+sequence boundary; a sequence's last chunk may be short (masked loads, zeros beyond it). The
+chunk-local intermediates are stored chunk-major and padded to ``C`` rows, where padding rows are
+neutral (``g = beta = 0``, ``q = k = v = 0``).
+
+The forward keeps nothing but the inputs for the backward: the backward recomputes ``G``,
+``Tinv``, ``W``, ``u`` and the per-chunk states (as fla does), trading ~40% extra forward work for
+not holding ``[NC, H, K, V]`` float32 states between forward and backward.
+"""
+
+# legend: T tokens (batch rows flattened: B * T_seq), H heads, K key dim, V value dim, C chunk,
+#         NC chunks, N sequences, BK / BV blocks of K / V, KP / VP K / V padded to a power of 2
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 64
+
+# dot-product modes (constexpr LOWP): operands kept float32 (exact "ieee" products), or cast to
+# the 16-bit input dtype with float32 accumulation (tensor cores)
+_DOT_F32, _DOT_BF16, _DOT_F16 = 0, 1, 2
+
+
+def _dot_mode(dtype: torch.dtype) -> int:
+    return {torch.bfloat16: _DOT_BF16, torch.float16: _DOT_F16}.get(dtype, _DOT_F32)
+
+
+# ----------------------------------------------------------------------------------------------
+# small device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, LOWP: tl.constexpr):
+    """a @ b with float32 accumulation; operands in the 16-bit input dtype when LOWP."""
+    if LOWP == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif LOWP == 2:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _tok_ptrs(ptr, tok0, n, h, d0, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+              BD: tl.constexpr):  # fmt: skip
+    """Pointers and mask of a [C, BD] tile of a token-major [T, H, D] tensor."""
+    t_C = tl.arange(0, C)
+    d_D = d0 + tl.arange(0, BD)
+    ptrs = ptr + ((tok0 + t_C[:, None]).to(tl.int64) * H + h) * D + d_D[None, :]
+    mask = (t_C[:, None] < n) & (d_D[None, :] < D)
+    return ptrs, mask
+
+
+@triton.jit
+def _load_tok(ptr, tok0, n, h, d0, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+              BD: tl.constexpr):  # fmt: skip
+    ptrs, mask = _tok_ptrs(ptr, tok0, n, h, d0, H, D, C, BD)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tok(ptr, x, tok0, n, h, d0, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+               BD: tl.constexpr):  # fmt: skip
+    ptrs, mask = _tok_ptrs(ptr, tok0, n, h, d0, H, D, C, BD)
+    tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tok_vec_ptrs(ptr, tok0, n, h, H: tl.constexpr, C: tl.constexpr):
+    """Pointers and mask of a [C] vector of a token-major [T, H] tensor (g, beta, dg, dbeta)."""
+    t_C = tl.arange(0, C)
+    return ptr + (tok0 + t_C).to(tl.int64) * H + h, t_C < n
+
+
+@triton.jit
+def _chunk_ptrs(ptr, c, h, d0, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                BD: tl.constexpr):  # fmt: skip
+    """Pointers and mask of a [C, BD] tile of a chunk-major [NC, H, C, D] buffer."""
+    t_C = tl.arange(0, C)
+    d_D = d0 + tl.arange(0, BD)
+    ptrs = ptr + (c.to(tl.int64) * H + h) * (C * D) + t_C[:, None] * D + d_D[None, :]
+    mask = (t_C[:, None] < C) & (d_D[None, :] < D)
+    return ptrs, mask
+
+
+@triton.jit
+def _state_ptrs(ptr, idx, h, k0, v0, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    """Pointers and mask of a [BK, BV] tile of a state tensor [*, H, K, V]."""
+    k_K = k0 + tl.arange(0, BK)
+    v_V = v0 + tl.arange(0, BV)
+    ptrs = ptr + (idx.to(tl.int64) * H + h) * (K * V) + k_K[:, None] * V + v_V[None, :]
+    mask = (k_K[:, None] < K) & (v_V[None, :] < V)
+    return ptrs, mask
+
+
+@triton.jit
+def _decay_CC(G_C, C: tl.constexpr, STRICT: tl.constexpr):
+    """D[t, j] = exp(G_t - G_j) on the causal part (j <= t, or j < t when STRICT), else 0."""
+    t_C = tl.arange(0, C)
+    if STRICT:
+        causal = t_C[:, None] > t_C[None, :]
+    else:
+        causal = t_C[:, None] >= t_C[None, :]
+    # masked before exp: G_t - G_j > 0 above the diagonal and could overflow
+    return tl.exp(tl.where(causal, G_C[:, None] - G_C[None, :], float("-inf")))
+
+
+@triton.jit
+def _unit_lower_inverse(A_CC, C: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular A, by forward substitution one row at a time:
+    X[i, :] = e_i - sum_{j < i} A[i, j] X[j, :]."""
+    r_C = tl.arange(0, C)
+    X_CC = tl.where(r_C[:, None] == r_C[None, :], 1.0, 0.0)
+    for i in range(1, C):
+        row_i = r_C[:, None] == i
+        a_C = tl.sum(tl.where(row_i, A_CC, 0.0), axis=0)  # A[i, :], indexed by column j
+        s_C = tl.sum(a_C[:, None] * X_CC, axis=0)  # sum_j A[i, j] X[j, :]
+        X_CC = X_CC - tl.where(row_i, s_C[None, :], 0.0)
+    return X_CC
+
+
+# ----------------------------------------------------------------------------------------------
+# forward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_prep_kernel(
+    k_ptr, v_ptr, g_ptr, beta_ptr,  # inputs, token-major
+    G_ptr, Tinv_ptr, W_ptr, U_ptr,  # outputs, chunk-major float32
+    chunk_tok0_ptr, chunk_len_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """Chunk-local prep: G = cumsum(g), Tinv = (I + A)^-1, W = Tinv beta Gam k, U = Tinv beta v."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(chunk_tok0_ptr + c)
+    n = tl.load(chunk_len_ptr + c)
+    t_C = tl.arange(0, C)
+
+    g_ptrs, row_mask = _tok_vec_ptrs(g_ptr, tok0, n, h, H, C)
+    g_C = tl.load(g_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+    b_ptrs, _ = _tok_vec_ptrs(beta_ptr, tok0, n, h, H, C)
+    b_C = tl.load(b_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+    G_C = tl.cumsum(g_C, axis=0)  # padding rows (g = 0) repeat G of the last real token
+    tl.store(G_ptr + (c.to(tl.int64) * H + h) * C + t_C, G_C)
+
+    KK_CC = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
+        KK_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
+    A_CC = b_C[:, None] * KK_CC * _decay_CC(G_C, C, True)
+    Tinv_CC = _unit_lower_inverse(A_CC, C)
+    T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
+    tl.store(T_ptrs, Tinv_CC, mask=T_mask)
+
+    bGam_C = b_C * tl.exp(G_C)
+    for k0 in range(0, K, BK):
+        k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
+        w_CK = _dot(Tinv_CC, k_CK * bGam_C[:, None], LOWP)
+        w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, k0, H, K, C, BK)
+        tl.store(w_ptrs, w_CK, mask=w_mask)
+    for v0 in range(0, V, BV):
+        v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
+        U_CV = _dot(Tinv_CC, v_CV * b_C[:, None], LOWP)
+        U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+        tl.store(U_ptrs, U_CV, mask=U_mask)
+
+
+@triton.jit
+def _fwd_state_kernel(
+    k_ptr, G_ptr, W_ptr, U_ptr,  # U is overwritten by u = U - W S
+    h0_ptr, states_ptr, ht_ptr,
+    chunk_tok0_ptr, chunk_len_ptr, seq_chunk0_ptr, seq_nchunks_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """Inter-chunk recurrence for one V-slice of one sequence and head (sequential over chunks).
+    Writes the state entering every chunk, u = U - W S in place of U, and the final state."""
+    v0 = tl.program_id(0) * BV
+    s = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    c0 = tl.load(seq_chunk0_ptr + s)
+    nc = tl.load(seq_nchunks_ptr + s)
+    t_C = tl.arange(0, C)
+
+    S_ptrs0, S_mask = _state_ptrs(h0_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    if HAS_H0:
+        S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
+    else:
+        S_KV = tl.zeros([KP, BV], dtype=tl.float32)
+    c = c0
+    while c < c0 + nc:  # (a while loop: the interpreter cannot range() over a loaded bound)
+        tok0 = tl.load(chunk_tok0_ptr + c)
+        n = tl.load(chunk_len_ptr + c)
+        st_ptrs, _ = _state_ptrs(states_ptr, c, h, 0, v0, H, K, V, KP, BV)
+        tl.store(st_ptrs, S_KV, mask=S_mask)
+
+        w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+        w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        u_ptrs, u_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+        u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0) - _dot(w_CK, S_KV, LOWP)
+        tl.store(u_ptrs, u_CV, mask=u_mask)
+
+        G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
+        G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
+        k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
+        kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+        S_KV = S_KV * tl.exp(G_last) + _dot(tl.trans(kdec_CK), u_CV, LOWP)
+        c += 1
+    ht_ptrs, _ = _state_ptrs(ht_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    tl.store(ht_ptrs, S_KV, mask=S_mask)
+
+
+@triton.jit
+def _fwd_output_kernel(
+    q_ptr, k_ptr, G_ptr, u_ptr, states_ptr, o_ptr,
+    chunk_tok0_ptr, chunk_len_ptr, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """o = diag(Gam) q S + ((q k^T) * D) u for one chunk, head and V-slice."""
+    v0 = tl.program_id(0) * BV
+    c = tl.program_id(1)
+    h = tl.program_id(2)
+    tok0 = tl.load(chunk_tok0_ptr + c)
+    n = tl.load(chunk_len_ptr + c)
+    t_C = tl.arange(0, C)
+    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
+
+    qk_CC = tl.zeros([C, C], dtype=tl.float32)
+    o_CV = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
+        k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
+        qk_CC += _dot(q_CK, tl.trans(k_CK), LOWP)
+        S_ptrs, S_mask = _state_ptrs(states_ptr, c, h, k0, v0, H, K, V, BK, BV)
+        S_KV = tl.load(S_ptrs, mask=S_mask, other=0.0)
+        o_CV += _dot(q_CK * tl.exp(G_C)[:, None], S_KV, LOWP)
+    u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
+    u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0)
+    o_CV += _dot(qk_CC * _decay_CC(G_C, C, False), u_CV, LOWP)
+    _store_tok(o_ptr, o_CV, tok0, n, h, v0, H, V, C, BV)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_state_kernel(
+    q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dht_ptr,
+    dstates_ptr, du_ptr, dh0_ptr,
+    chunk_tok0_ptr, chunk_len_ptr, seq_chunk0_ptr, seq_nchunks_ptr, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """Reverse inter-chunk pass for one V-slice of one sequence and head. Writes dS' (gradient of
+    the state leaving each chunk), du, and the gradient of the initial state."""
+    v0 = tl.program_id(0) * BV
+    s = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    c0 = tl.load(seq_chunk0_ptr + s)
+    nc = tl.load(seq_nchunks_ptr + s)
+    t_C = tl.arange(0, C)
+
+    dS_ptrs0, S_mask = _state_ptrs(dht_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    if HAS_DHT:
+        dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
+    else:
+        dS_KV = tl.zeros([KP, BV], dtype=tl.float32)
+    c = c0 + nc - 1
+    while c >= c0:
+        tok0 = tl.load(chunk_tok0_ptr + c)
+        n = tl.load(chunk_len_ptr + c)
+        dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
+        tl.store(dst_ptrs, dS_KV, mask=S_mask)
+
+        G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
+        G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
+        q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP) * scale
+        k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
+        do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
+        M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
+        kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+        du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
+        du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+        tl.store(du_ptrs, du_CV, mask=du_mask)
+
+        w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+        w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        qdec_CK = q_CK * tl.exp(G_C)[:, None]
+        dS_KV = (
+            dS_KV * tl.exp(G_last)
+            + _dot(tl.trans(qdec_CK), do_CV, LOWP)
+            - _dot(tl.trans(w_CK), du_CV, LOWP)
+        )
+        c -= 1
+    dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    tl.store(dh0_ptrs, dS_KV, mask=S_mask)
+
+
+@triton.jit
+def _bwd_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, beta_ptr, do_ptr,  # inputs, token-major
+    G_ptr, Tinv_ptr, u_ptr, states_ptr, dstates_ptr, du_ptr,  # recomputed / bwd-state buffers
+    dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,  # outputs, token-major
+    chunk_tok0_ptr, chunk_len_ptr, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """All input gradients of one chunk and head (chunk-local, given du, S and dS').
+
+    du_ptr is overwritten with dU' = Tinv^T du (read back in the K-block loop)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(chunk_tok0_ptr + c)
+    n = tl.load(chunk_len_ptr + c)
+    t_C = tl.arange(0, C)
+    b_ptrs, row_mask = _tok_vec_ptrs(beta_ptr, tok0, n, h, H, C)
+    b_C = tl.load(b_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
+    G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
+    Gam_C = tl.exp(G_C)
+    tail_C = tl.exp(G_last - G_C)  # decay from token t to the chunk end
+
+    # phase 1: q k^T and k k^T
+    qk_CC = tl.zeros([C, C], dtype=tl.float32)
+    kk_CC = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
+        k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
+        qk_CC += _dot(q_CK, tl.trans(k_CK), LOWP)
+        kk_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
+
+    # phase 2: V-contractions with u: dM = do u^T, dU' = Tinv^T du, dA = -dU' u^T; dv
+    T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
+    Tinv_CC = tl.load(T_ptrs, mask=T_mask, other=0.0)
+    dM_CC = tl.zeros([C, C], dtype=tl.float32)
+    dA_CC = tl.zeros([C, C], dtype=tl.float32)
+    db_C = tl.zeros([C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
+        v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
+        u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
+        u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0)
+        du_ptrs, _ = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+        du_CV = tl.load(du_ptrs, mask=u_mask, other=0.0)
+        dUp_CV = _dot(tl.trans(Tinv_CC), du_CV, LOWP)
+        tl.store(du_ptrs, dUp_CV, mask=u_mask)
+        _store_tok(dv_ptr, dUp_CV * b_C[:, None], tok0, n, h, v0, H, V, C, BV)
+        db_C += tl.sum(v_CV * dUp_CV, axis=1)
+        dM_CC += _dot(do_CV, tl.trans(u_CV), LOWP)
+        dA_CC -= _dot(dUp_CV, tl.trans(u_CV), LOWP)
+
+    # phase 3: through the decay matrix and A = beta (k k^T) * D
+    D_CC = _decay_CC(G_C, C, False)
+    dP_CC = dM_CC * D_CC  # gradient of q k^T
+    dA_CC = tl.where(t_C[:, None] > t_C[None, :], dA_CC, 0.0)
+    dB_CC = b_C[:, None] * dA_CC * D_CC  # gradient of k k^T
+    db_C += tl.sum(dA_CC * kk_CC * D_CC, axis=1)
+    E_CC = dP_CC * qk_CC + dB_CC * kk_CC  # gradient of log D, times D
+    dG_C = tl.sum(E_CC, axis=1) - tl.sum(E_CC, axis=0)
+
+    # phase 4: per K-block, the V-contractions with the states, then dq and dk
+    r_o = tl.zeros([C], dtype=tl.float32)  # (q S)_t . do_t
+    r_y = tl.zeros([C], dtype=tl.float32)  # (k S)_t . dU'_t
+    r_u = tl.zeros([C], dtype=tl.float32)  # (k dS')_t . u_t
+    dgam = tl.zeros([BK], dtype=tl.float32)  # sum(S * dS'), reduced at the end
+    for k0 in range(0, K, BK):
+        acc_q = tl.zeros([C, BK], dtype=tl.float32)  # do S^T
+        acc_u = tl.zeros([C, BK], dtype=tl.float32)  # u dS'^T
+        acc_y = tl.zeros([C, BK], dtype=tl.float32)  # dU' S^T
+        for v0 in range(0, V, BV):
+            do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
+            u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
+            u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0)
+            dUp_ptrs, _ = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+            dUp_CV = tl.load(dUp_ptrs, mask=u_mask, other=0.0)
+            S_ptrs, S_mask = _state_ptrs(states_ptr, c, h, k0, v0, H, K, V, BK, BV)
+            S_KV = tl.load(S_ptrs, mask=S_mask, other=0.0)
+            dS_ptrs, _ = _state_ptrs(dstates_ptr, c, h, k0, v0, H, K, V, BK, BV)
+            dS_KV = tl.load(dS_ptrs, mask=S_mask, other=0.0)
+            acc_q += _dot(do_CV, tl.trans(S_KV), LOWP)
+            acc_u += _dot(u_CV, tl.trans(dS_KV), LOWP)
+            acc_y += _dot(dUp_CV, tl.trans(S_KV), LOWP)
+            dgam += tl.sum(S_KV * dS_KV, axis=1)
+        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
+        k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
+        dq_CK = Gam_C[:, None] * acc_q + _dot(dP_CC, k_CK, LOWP)
+        dk_CK = (
+            tail_C[:, None] * acc_u
+            - (b_C * Gam_C)[:, None] * acc_y
+            + _dot(tl.trans(dP_CC), q_CK, LOWP)
+            + _dot(dB_CC + tl.trans(dB_CC), k_CK, LOWP)
+        )
+        _store_tok(dq_ptr, dq_CK * scale, tok0, n, h, k0, H, K, C, BK)
+        _store_tok(dk_ptr, dk_CK, tok0, n, h, k0, H, K, C, BK)
+        r_o += tl.sum(q_CK * acc_q, axis=1)
+        r_y += tl.sum(k_CK * acc_y, axis=1)
+        r_u += tl.sum(k_CK * acc_u, axis=1)
+
+    # phase 5: dbeta, dG -> dg (reverse cumsum inside the chunk)
+    db_C -= Gam_C * r_y
+    dG_C += Gam_C * r_o - b_C * Gam_C * r_y - tail_C * r_u
+    dG_last = tl.exp(G_last) * tl.sum(dgam, axis=0) + tl.sum(tail_C * r_u, axis=0)
+    dG_C += tl.where(t_C == C - 1, dG_last, 0.0)
+    dg_C = tl.cumsum(dG_C, axis=0, reverse=True)
+    dg_ptrs, _ = _tok_vec_ptrs(dg_ptr, tok0, n, h, H, C)
+    tl.store(dg_ptrs, dg_C.to(dg_ptr.dtype.element_ty), mask=row_mask)
+    db_ptrs, _ = _tok_vec_ptrs(dbeta_ptr, tok0, n, h, H, C)
+    tl.store(db_ptrs, db_C.to(dbeta_ptr.dtype.element_ty), mask=row_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    """Chunk tables: chunk c covers tokens chunk_tok0[c] .. + chunk_len[c] - 1; sequence s owns
+    chunks seq_chunk0[s] .. + seq_nchunks[s] - 1 (int32 device tensors)."""
+
+    chunk_tok0: torch.Tensor
+    chunk_len: torch.Tensor
+    seq_chunk0: torch.Tensor
+    seq_nchunks: torch.Tensor
+    n_chunks: int
+    n_seqs: int
+
+
+def _make_layout(offsets: list[int], device: torch.device) -> _Layout:
+    tok0, lens, seq_chunk0, seq_nchunks = [], [], [], []
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        seq_chunk0.append(len(tok0))
+        for t in range(start, end, CHUNK):
+            tok0.append(t)
+            lens.append(min(CHUNK, end - t))
+        seq_nchunks.append(len(tok0) - seq_chunk0[-1])
+    table = torch.tensor([tok0, lens], dtype=torch.int32).reshape(2, -1)
+    seqs = torch.tensor([seq_chunk0, seq_nchunks], dtype=torch.int32)
+    table, seqs = table.to(device), seqs.to(device)
+    return _Layout(table[0], table[1], seqs[0], seqs[1], len(tok0), len(seq_chunk0))
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+@dataclass
+class _Blocks:
+    KP: int  # K padded (state kernels keep the whole K of a state slice in registers)
+    BK: int  # K block of the chunk-parallel kernels
+    BV: int  # V block of the chunk-parallel kernels
+    BV_state: int  # V slice of the sequential state kernels
+
+
+def _blocks(K: int, V: int) -> _Blocks:
+    KP, VP = _pow2(K), _pow2(V)
+    BV_state = 64 if KP <= 64 else (32 if KP <= 128 else 16)
+    BV_state = int(os.environ.get("GDN_TRITON_BV_STATE", BV_state))
+    return _Blocks(KP=KP, BK=min(KP, 64), BV=min(VP, 64), BV_state=min(BV_state, VP))
+
+
+def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, LOWP: int):
+    """Prep + state pass. Returns (G, Tinv, W, u, states, final_state)."""
+    T, H, K = k.shape
+    V = v.shape[-1]
+    NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
+    dev = k.device
+    f32 = torch.float32
+    G = torch.empty(NC, H, C, device=dev, dtype=f32)
+    Tinv = torch.empty(NC, H, C, C, device=dev, dtype=f32)
+    W = torch.empty(NC, H, C, K, device=dev, dtype=f32)
+    u = torch.empty(NC, H, C, V, device=dev, dtype=f32)
+    states = torch.empty(NC, H, K, V, device=dev, dtype=f32)
+    ht = torch.empty(N, H, K, V, device=dev, dtype=f32)
+    if NC > 0:
+        _fwd_prep_kernel[(NC, H)](
+            k, v, g, beta, G, Tinv, W, u, lay.chunk_tok0, lay.chunk_len,
+            H=H, K=K, V=V, C=C, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=4,
+        )  # fmt: skip
+    if N > 0:
+        _fwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
+            k, G, W, u, h0 if h0 is not None else ht, states, ht,
+            lay.chunk_tok0, lay.chunk_len, lay.seq_chunk0, lay.seq_nchunks,
+            H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_H0=h0 is not None, LOWP=LOWP,
+            num_warps=4,
+        )  # fmt: skip
+    return G, Tinv, W, u, states, ht
+
+
+def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, out_dtype, LOWP: int):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    blk = _blocks(K, V)
+    G, _, _, u, states, ht = _recompute_forward(q, k, v, g, beta, h0, scale, lay, blk, LOWP)
+    o = torch.empty(T, H, V, device=q.device, dtype=out_dtype)
+    if lay.n_chunks > 0:
+        _fwd_output_kernel[(triton.cdiv(V, blk.BV), lay.n_chunks, H)](
+            q, k, G, u, states, o, lay.chunk_tok0, lay.chunk_len, scale,
+            H=H, K=K, V=V, C=CHUNK, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=4,
+        )  # fmt: skip
+    return o, ht
+
+
+def _backward(q, k, v, g, beta, h0, scale, lay: _Layout, do, dht, LOWP: int):
+    T, H, K = q.shape
+    V = v.shape[-1]
+    NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
+    blk = _blocks(K, V)
+    G, Tinv, W, u, states, _ = _recompute_forward(q, k, v, g, beta, h0, scale, lay, blk, LOWP)
+    dev = q.device
+    dstates = torch.empty(NC, H, K, V, device=dev, dtype=torch.float32)
+    du = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
+    dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
+    if N > 0:
+        _bwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
+            q, k, G, W, do, dht if dht is not None else dh0, dstates, du, dh0,
+            lay.chunk_tok0, lay.chunk_len, lay.seq_chunk0, lay.seq_nchunks, scale,
+            H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_DHT=dht is not None, LOWP=LOWP,
+            num_warps=4,
+        )  # fmt: skip
+    if NC > 0:
+        _bwd_chunk_kernel[(NC, H)](
+            q, k, v, beta, do, G, Tinv, u, states, dstates, du,
+            dq, dk, dv, dbeta, dg, lay.chunk_tok0, lay.chunk_len, scale,
+            H=H, K=K, V=V, C=C, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=8,
+        )  # fmt: skip
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    """Autograd wrapper over the token-major kernels ([T, H, *] inputs, batch rows flattened)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, h0, scale, lay, out_dtype, LOWP):
+        o, ht = _forward(q, k, v, g, beta, h0, scale, lay, out_dtype, LOWP)
+        ctx.save_for_backward(q, k, v, g, beta, h0)
+        ctx.scale, ctx.lay, ctx.LOWP = scale, lay, LOWP
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0 = ctx.saved_tensors
+        do = torch.zeros(v.shape, device=v.device, dtype=v.dtype) if do is None else do.contiguous()
+        dht = None if dht is None else dht.contiguous()
+        dq, dk, dv, dg, dbeta, dh0 = _backward(
+            q, k, v, g, beta, h0, ctx.scale, ctx.lay, do, dht, ctx.LOWP
+        )
+        dh0 = None if h0 is None else dh0.to(h0.dtype)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` in float32 (torch ops; autograd gives its backward)."""
+    x = x.float()
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
+
+
+def chunk_gated_delta_rule_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule on our Triton kernels (inputs validated by :mod:`.api`).
+
+    Returns ``(o [B, T, H, V] in q.dtype, final_state [N, H, K, V] float32 or None)``.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if not (16 <= K <= 256 and 16 <= V <= 256):
+        raise ValueError(f"triton GDN kernels support 16 <= K, V <= 256, got K={K}, V={V}")
+    if scale is None:
+        scale = K**-0.5
+    if cu_seqlens is None:
+        offsets = [b * T for b in range(B + 1)]
+    else:
+        offsets = [int(x) for x in cu_seqlens.tolist()]
+    lay = _make_layout(offsets, q.device)
+    in_dtype = q.dtype
+    LOWP = _dot_mode(in_dtype)
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2norm(q), _l2norm(k)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht = _ChunkGatedDeltaRule.apply(
+        q.reshape(B * T, H, K).contiguous(),
+        k.reshape(B * T, H, K).contiguous(),
+        v.reshape(B * T, H, V).contiguous(),
+        g.reshape(B * T, H).contiguous(),
+        beta.reshape(B * T, H).contiguous(),
+        h0,
+        float(scale),
+        lay,
+        in_dtype,
+        LOWP,
+    )
+    return o.reshape(B, T, H, V), (ht if output_final_state else None)
