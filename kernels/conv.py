@@ -10,6 +10,9 @@ which is what HF transformers runs.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +63,17 @@ def causal_conv1d_torch(
     return y
 
 
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def causal_conv1d(
     x_BTC,
     weight_CW,
@@ -69,9 +83,23 @@ def causal_conv1d(
     output_final_state=False,
     backend: str = "auto",
 ):
-    """Entry point used by the GDN mixer; only the torch backend exists so far."""
-    if backend not in ("auto", "torch"):
-        raise NotImplementedError(f"conv backend {backend!r} is not available yet; use 'torch'")
+    """Entry point used by the GDN mixer (arguments and results as :func:`causal_conv1d_torch`).
+
+    backend: "torch" (the reference above), "triton" (:mod:`.conv_triton`), or "auto": Triton
+    for CUDA tensors or under TRITON_INTERPRET=1 (the CPU interpreter), else torch.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown conv backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        use_triton = (x_BTC.is_cuda or _interpreting()) and _triton_available()
+        backend = "triton" if use_triton else "torch"
+    if backend == "triton":
+        # imported here: model code imports this module on machines without a GPU
+        from .conv_triton import causal_conv1d_triton
+
+        return causal_conv1d_triton(
+            x_BTC, weight_CW, cu_seqlens, activation, initial_state, output_final_state
+        )
     return causal_conv1d_torch(
         x_BTC, weight_CW, cu_seqlens, activation, initial_state, output_final_state
     )
