@@ -44,14 +44,23 @@ not holding ``[NC, H, K, V]`` float32 states between forward and backward.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
+import threading
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import triton
 import triton.language as tl
 
 CHUNK = 64
+
+# triton.jit picks compiled kernels or the CPU interpreter when it decorates, i.e. at import.
+# Kernels of this module were decorated in this mode; see _module_in_mode for the other one.
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 # dot-product modes (constexpr LOWP): operands kept float32 (exact "ieee" products), or cast to
 # the 16-bit input dtype with float32 accumulation (tensor cores)
@@ -65,6 +74,27 @@ def _dot_mode(dtype: torch.dtype) -> int:
 # ----------------------------------------------------------------------------------------------
 # small device helpers
 # ----------------------------------------------------------------------------------------------
+
+
+# Reductions and scans go through tl.reduce / tl.associative_scan with our own combine function
+# rather than tl.sum / tl.cumsum, and tl.full rather than tl.zeros: those are @triton.jit functions of triton.language itself,
+# decorated once when triton is imported, so a module copy built for the interpreter later in
+# the process (see _module_in_mode) could not call them.
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _add)
+
+
+@triton.jit
+def _cumsum(x, axis: tl.constexpr, reverse: tl.constexpr = False):
+    return tl.associative_scan(x, axis, _add, reverse=reverse)
 
 
 @triton.jit
@@ -152,8 +182,8 @@ def _unit_lower_inverse(A_CC, C: tl.constexpr):
     X_CC = tl.where(r_C[:, None] == r_C[None, :], 1.0, 0.0)
     for i in range(1, C):
         row_i = r_C[:, None] == i
-        a_C = tl.sum(tl.where(row_i, A_CC, 0.0), axis=0)  # A[i, :], indexed by column j
-        s_C = tl.sum(a_C[:, None] * X_CC, axis=0)  # sum_j A[i, j] X[j, :]
+        a_C = _sum(tl.where(row_i, A_CC, 0.0), axis=0)  # A[i, :], indexed by column j
+        s_C = _sum(a_C[:, None] * X_CC, axis=0)  # sum_j A[i, j] X[j, :]
         X_CC = X_CC - tl.where(row_i, s_C[None, :], 0.0)
     return X_CC
 
@@ -182,10 +212,10 @@ def _fwd_prep_kernel(
     g_C = tl.load(g_ptrs, mask=row_mask, other=0.0).to(tl.float32)
     b_ptrs, _ = _tok_vec_ptrs(beta_ptr, tok0, n, h, H, C)
     b_C = tl.load(b_ptrs, mask=row_mask, other=0.0).to(tl.float32)
-    G_C = tl.cumsum(g_C, axis=0)  # padding rows (g = 0) repeat G of the last real token
+    G_C = _cumsum(g_C, axis=0)  # padding rows (g = 0) repeat G of the last real token
     tl.store(G_ptr + (c.to(tl.int64) * H + h) * C + t_C, G_C)
 
-    KK_CC = tl.zeros([C, C], dtype=tl.float32)
+    KK_CC = tl.full([C, C], 0.0, tl.float32)
     for k0 in range(0, K, BK):
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         KK_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
@@ -228,7 +258,7 @@ def _fwd_state_kernel(
     if HAS_H0:
         S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
-        S_KV = tl.zeros([KP, BV], dtype=tl.float32)
+        S_KV = tl.full([KP, BV], 0.0, tl.float32)
     c = c0
     while c < c0 + nc:  # (a while loop: the interpreter cannot range() over a loaded bound)
         tok0 = tl.load(chunk_tok0_ptr + c)
@@ -268,8 +298,8 @@ def _fwd_output_kernel(
     t_C = tl.arange(0, C)
     G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
 
-    qk_CC = tl.zeros([C, C], dtype=tl.float32)
-    o_CV = tl.zeros([C, BV], dtype=tl.float32)
+    qk_CC = tl.full([C, C], 0.0, tl.float32)
+    o_CV = tl.full([C, BV], 0.0, tl.float32)
     for k0 in range(0, K, BK):
         q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
@@ -309,7 +339,7 @@ def _bwd_state_kernel(
     if HAS_DHT:
         dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
-        dS_KV = tl.zeros([KP, BV], dtype=tl.float32)
+        dS_KV = tl.full([KP, BV], 0.0, tl.float32)
     c = c0 + nc - 1
     while c >= c0:
         tok0 = tl.load(chunk_tok0_ptr + c)
@@ -366,8 +396,8 @@ def _bwd_chunk_kernel(
     tail_C = tl.exp(G_last - G_C)  # decay from token t to the chunk end
 
     # phase 1: q k^T and k k^T
-    qk_CC = tl.zeros([C, C], dtype=tl.float32)
-    kk_CC = tl.zeros([C, C], dtype=tl.float32)
+    qk_CC = tl.full([C, C], 0.0, tl.float32)
+    kk_CC = tl.full([C, C], 0.0, tl.float32)
     for k0 in range(0, K, BK):
         q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
@@ -377,9 +407,9 @@ def _bwd_chunk_kernel(
     # phase 2: V-contractions with u: dM = do u^T, dU' = Tinv^T du, dA = -dU' u^T; dv
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
     Tinv_CC = tl.load(T_ptrs, mask=T_mask, other=0.0)
-    dM_CC = tl.zeros([C, C], dtype=tl.float32)
-    dA_CC = tl.zeros([C, C], dtype=tl.float32)
-    db_C = tl.zeros([C], dtype=tl.float32)
+    dM_CC = tl.full([C, C], 0.0, tl.float32)
+    dA_CC = tl.full([C, C], 0.0, tl.float32)
+    db_C = tl.full([C], 0.0, tl.float32)
     for v0 in range(0, V, BV):
         do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
         v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
@@ -390,7 +420,7 @@ def _bwd_chunk_kernel(
         dUp_CV = _dot(tl.trans(Tinv_CC), du_CV, LOWP)
         tl.store(du_ptrs, dUp_CV, mask=u_mask)
         _store_tok(dv_ptr, dUp_CV * b_C[:, None], tok0, n, h, v0, H, V, C, BV)
-        db_C += tl.sum(v_CV * dUp_CV, axis=1)
+        db_C += _sum(v_CV * dUp_CV, axis=1)
         dM_CC += _dot(do_CV, tl.trans(u_CV), LOWP)
         dA_CC -= _dot(dUp_CV, tl.trans(u_CV), LOWP)
 
@@ -399,19 +429,19 @@ def _bwd_chunk_kernel(
     dP_CC = dM_CC * D_CC  # gradient of q k^T
     dA_CC = tl.where(t_C[:, None] > t_C[None, :], dA_CC, 0.0)
     dB_CC = b_C[:, None] * dA_CC * D_CC  # gradient of k k^T
-    db_C += tl.sum(dA_CC * kk_CC * D_CC, axis=1)
+    db_C += _sum(dA_CC * kk_CC * D_CC, axis=1)
     E_CC = dP_CC * qk_CC + dB_CC * kk_CC  # gradient of log D, times D
-    dG_C = tl.sum(E_CC, axis=1) - tl.sum(E_CC, axis=0)
+    dG_C = _sum(E_CC, axis=1) - _sum(E_CC, axis=0)
 
     # phase 4: per K-block, the V-contractions with the states, then dq and dk
-    r_o = tl.zeros([C], dtype=tl.float32)  # (q S)_t . do_t
-    r_y = tl.zeros([C], dtype=tl.float32)  # (k S)_t . dU'_t
-    r_u = tl.zeros([C], dtype=tl.float32)  # (k dS')_t . u_t
-    dgam = tl.zeros([BK], dtype=tl.float32)  # sum(S * dS'), reduced at the end
+    r_o = tl.full([C], 0.0, tl.float32)  # (q S)_t . do_t
+    r_y = tl.full([C], 0.0, tl.float32)  # (k S)_t . dU'_t
+    r_u = tl.full([C], 0.0, tl.float32)  # (k dS')_t . u_t
+    dgam = tl.full([BK], 0.0, tl.float32)  # sum(S * dS'), reduced at the end
     for k0 in range(0, K, BK):
-        acc_q = tl.zeros([C, BK], dtype=tl.float32)  # do S^T
-        acc_u = tl.zeros([C, BK], dtype=tl.float32)  # u dS'^T
-        acc_y = tl.zeros([C, BK], dtype=tl.float32)  # dU' S^T
+        acc_q = tl.full([C, BK], 0.0, tl.float32)  # do S^T
+        acc_u = tl.full([C, BK], 0.0, tl.float32)  # u dS'^T
+        acc_y = tl.full([C, BK], 0.0, tl.float32)  # dU' S^T
         for v0 in range(0, V, BV):
             do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
             u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
@@ -425,7 +455,7 @@ def _bwd_chunk_kernel(
             acc_q += _dot(do_CV, tl.trans(S_KV), LOWP)
             acc_u += _dot(u_CV, tl.trans(dS_KV), LOWP)
             acc_y += _dot(dUp_CV, tl.trans(S_KV), LOWP)
-            dgam += tl.sum(S_KV * dS_KV, axis=1)
+            dgam += _sum(S_KV * dS_KV, axis=1)
         q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         dq_CK = Gam_C[:, None] * acc_q + _dot(dP_CC, k_CK, LOWP)
@@ -437,16 +467,16 @@ def _bwd_chunk_kernel(
         )
         _store_tok(dq_ptr, dq_CK * scale, tok0, n, h, k0, H, K, C, BK)
         _store_tok(dk_ptr, dk_CK, tok0, n, h, k0, H, K, C, BK)
-        r_o += tl.sum(q_CK * acc_q, axis=1)
-        r_y += tl.sum(k_CK * acc_y, axis=1)
-        r_u += tl.sum(k_CK * acc_u, axis=1)
+        r_o += _sum(q_CK * acc_q, axis=1)
+        r_y += _sum(k_CK * acc_y, axis=1)
+        r_u += _sum(k_CK * acc_u, axis=1)
 
     # phase 5: dbeta, dG -> dg (reverse cumsum inside the chunk)
     db_C -= Gam_C * r_y
     dG_C += Gam_C * r_o - b_C * Gam_C * r_y - tail_C * r_u
-    dG_last = tl.exp(G_last) * tl.sum(dgam, axis=0) + tl.sum(tail_C * r_u, axis=0)
+    dG_last = tl.exp(G_last) * _sum(dgam, axis=0) + _sum(tail_C * r_u, axis=0)
     dG_C += tl.where(t_C == C - 1, dG_last, 0.0)
-    dg_C = tl.cumsum(dG_C, axis=0, reverse=True)
+    dg_C = _cumsum(dG_C, axis=0, reverse=True)
     dg_ptrs, _ = _tok_vec_ptrs(dg_ptr, tok0, n, h, H, C)
     tl.store(dg_ptrs, dg_C.to(dg_ptr.dtype.element_ty), mask=row_mask)
     db_ptrs, _ = _tok_vec_ptrs(dbeta_ptr, tok0, n, h, H, C)
@@ -604,6 +634,55 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 
 
+@contextlib.contextmanager
+def _interpret_mode(on: bool):
+    """Temporarily set TRITON_INTERPRET (and drop a knobs override) so triton.jit decorates in
+    the requested mode."""
+    runtime = triton.knobs.runtime
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved_knob = runtime.__dict__.pop("interpret", None)
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        if saved_knob is not None:
+            runtime.__dict__["interpret"] = saved_knob
+
+
+_MODE_LOCK = threading.Lock()
+
+
+def _module_in_mode(module: ModuleType, interpret: bool) -> ModuleType:
+    """``module`` (a kernels module with an ``_INTERPRETED`` flag) if its kernels were decorated
+    in the requested mode, else a cached copy of it executed again in that mode.
+
+    CPU tensors run in Triton's interpreter and CUDA tensors on compiled kernels, whatever
+    TRITON_INTERPRET was when the module was first imported; nested ``@triton.jit`` helpers
+    resolve through the copy's own globals, so both modes can live in one process.
+    """
+    if module._INTERPRETED == interpret:
+        return module
+    base = module.__name__.removesuffix("__interpreted").removesuffix("__compiled")
+    name = f"{base}__{'interpreted' if interpret else 'compiled'}"
+    with _MODE_LOCK:
+        copy = sys.modules.get(name)
+        if copy is None:
+            spec = importlib.util.spec_from_file_location(name, module.__file__)
+            copy = importlib.util.module_from_spec(spec)
+            sys.modules[name] = copy  # (dataclasses look their module up while executing)
+            try:
+                with _interpret_mode(interpret):
+                    spec.loader.exec_module(copy)
+            except BaseException:
+                del sys.modules[name]
+                raise
+    return copy
+
+
 def chunk_gated_delta_rule_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -618,8 +697,21 @@ def chunk_gated_delta_rule_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule on our Triton kernels (inputs validated by :mod:`.api`).
 
+    CUDA tensors run compiled kernels; CPU tensors run the same kernels in Triton's interpreter
+    (slow; for tests).
+
     Returns ``(o [B, T, H, V] in q.dtype, final_state [N, H, K, V] float32 or None)``.
     """
+    impl = _module_in_mode(sys.modules[__name__], interpret=not q.is_cuda)
+    return impl._chunk_gated_delta_rule(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+        use_qk_l2norm_in_kernel,
+    )  # fmt: skip
+
+
+def _chunk_gated_delta_rule(
+    q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
+):
     B, T, H, K = q.shape
     V = v.shape[-1]
     if not (16 <= K <= 256 and 16 <= V <= 256):

@@ -1,0 +1,1 @@
+"""Tokenizers, corpus preprocessing into megatron indexed datasets, and training batches."""

@@ -1,0 +1,1 @@
+"""Training: typed run config, CLI parsing, the loop, checkpoints, metrics."""

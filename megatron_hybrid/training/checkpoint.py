@@ -1,0 +1,148 @@
+"""Checkpoints in megatron-core's dist-checkpointing format (torch_dist), Megatron's layout.
+
+    <save>/iter_0000100/                  one checkpoint (model, optimizer, scheduler, RNG, data
+                                          position, run config as run_config.json)
+    <save>/latest_checkpointed_iteration.txt
+
+A save writes ``iter_XXXXXXX.tmp`` first and renames it when every rank has finished; the tracker
+file is replaced atomically last. A crash at any point leaves the previous checkpoint and the
+tracker pointing at it intact. Weights are sharded tensors keyed by global layer number, so a
+checkpoint loads at another TP/PP layout (megatron reshards on load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_hybrid import mcore
+
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def _model_sharded_state_dict(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = mcore.tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        mcore.tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_object(world: int, rank: int, data=None):
+    return mcore.ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
+
+
+def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict,
+                    train_state: dict) -> str:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd = _model_sharded_state_dict(chunks)
+    sd = dict(model_sd)
+    sd["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_META)
+    sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = dict(train_state)
+    sd["world_size"] = world
+    sd["rng_state"] = _rng_object(world, rank, _rng_state())
+    mcore.dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp,
+                                  content_metadata=OPTIM_META)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(run_dict, f, indent=2, default=str)
+        if os.path.exists(final):  # re-saving the same iteration: keep the old one until now
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str, chunks, optimizer, scheduler, iteration: int | None = None,
+                    load_optimizer: bool = True) -> dict | None:
+    """Restore in place; returns the saved train_state, or None when ``root`` has no checkpoint."""
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            return None
+    path = iteration_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist (tracker says iteration {iteration})")
+    common = mcore.dist_checkpointing.load_common_state_dict(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model_sd = _model_sharded_state_dict(chunks)
+    sd = dict(model_sd)
+    if load_optimizer and optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                       metadata=OPTIM_META)
+    same_layout = common.get("world_size") == world
+    if same_layout:
+        sd["rng_state"] = _rng_object(world, rank)
+    try:
+        state = mcore.dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(state[f"model{i}"])
+    if load_optimizer and optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng_state(state["rng_state"])
+    return dict(common["train_state"], iteration=iteration)

@@ -1,0 +1,70 @@
+"""Training FLOPs per token, by component, for MFU (fwd + bwd = 3 x fwd).
+
+- Matmuls: 2 FLOPs per weight per token forward (every linear incl. the output layer; the input
+  embedding is a lookup, norms/gates are elementwise and ignored).
+- Attention core, causal: QK^T and PV are each 2*d FLOPs per (query, key) pair per head; a query
+  at position t sees t keys, s/2 on average, so forward = 2 * 2*d * s/2 = 2*s*d per token per head.
+- GDN depthwise conv: 2*W FLOPs per channel per token.
+- GDN core in the chunked (WY) form that the kernels run, chunk c, per head per token forward:
+  K K^T, Q K^T and the W = T(beta K) product: 3 x 2*c*K; U = T(beta V) and the intra-chunk
+  attention times the new values: 2 x 2*c*V; reading the state for the outputs and for the new
+  values, and writing it: 3 x 2*K*V; the triangular solve: c^2/3. dk != dv is kept separate
+  (megatron's formula assumes dk == dv and double-counts Olmo's core).
+"""
+
+from __future__ import annotations
+
+from megatron_hybrid.models.olmo_hybrid.config import ATTENTION_BLOCK, GDN_BLOCK, OlmoHybridConfig
+
+GDN_CHUNK = 64
+
+# Dense bf16 peak (no sparsity), TFLOP/s per device, for MFU.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "B300": 2250.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+}
+
+
+def gdn_core_fwd_flops_per_token_head(k: int, v: int, chunk: int = GDN_CHUNK) -> float:
+    return 3 * 2 * chunk * k + 2 * 2 * chunk * v + 3 * 2 * k * v + chunk * chunk / 3
+
+
+def flops_per_token(cfg: OlmoHybridConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token by component; ``total`` is their sum."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    H, K, V, W = cfg.gdn_num_heads, cfg.gdn_head_k_dim, cfg.gdn_head_v_dim, cfg.gdn_conv_kernel
+    n_gdn = cfg.block_types.count(GDN_BLOCK)
+    n_att = cfg.block_types.count(ATTENTION_BLOCK)
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    gdn_proj = D * H * (2 * K + 2 * V) + D * 2 * H + H * V * D
+    att_proj = D * (D + 2 * kv) + D * D
+    mlp = 3 * D * F
+    out = {
+        "gdn_projections": 6.0 * n_gdn * gdn_proj,
+        "gdn_conv": 6.0 * n_gdn * H * (2 * K + V) * W,
+        "gdn_core": 3.0 * n_gdn * H * gdn_core_fwd_flops_per_token_head(K, V),
+        "attention_projections": 6.0 * n_att * att_proj,
+        "attention_core": 3.0 * n_att * cfg.num_attention_heads * 2 * seq_len * cfg.head_dim,
+        "mlp": 6.0 * cfg.num_layers * mlp,
+        "output_layer": 6.0 * cfg.vocab_size * D,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def device_peak_tflops() -> float | None:
+    """Dense bf16 peak of this process's GPU, or None (CPU / unknown device)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_BF16_TFLOPS[key]
+    return None

@@ -1,0 +1,306 @@
+"""The pretraining loop on megatron-core: schedules, DDP, optimizer, checkpoints, logs.
+
+Everything a step does, in order: every rank takes its micro-batches of the global batch (the
+sample order depends only on seed and global batch size), megatron's forward-backward schedule
+runs them (pipeline-aware), ``finalize_model_grads`` reduces gradients and divides by the global
+token count, non-finite loss/gradients skip the update, the optimizer steps, the LR schedule
+advances, and one Megatron iteration line is printed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_hybrid import mcore
+from megatron_hybrid.data import batches
+from megatron_hybrid.data.tokenizers import build_tokenizer, padded_vocab_size
+from megatron_hybrid.models.olmo_hybrid.config import ConfigError
+from megatron_hybrid.parallel import state as pstate
+from megatron_hybrid.training import checkpoint as ckpt
+from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
+from megatron_hybrid.training.loss import cross_entropy_with_z_loss
+from megatron_hybrid.training.metrics import Sinks, iteration_line
+from megatron_hybrid.training.model_setup import (
+    build_model_chunks,
+    build_optimizer,
+    transformer_config,
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many consecutive NaN steps); message says why."""
+
+
+def resolve_vocab(run, world_tp: int):
+    """Tokenizer (or None) and the model's vocabulary size, following Megatron's padding rule."""
+    d = run.data
+    tok = build_tokenizer(d.tokenizer_type, d.tokenizer_model) if d.tokenizer_type else None
+    if d.vocab_size:
+        vocab = d.vocab_size
+    elif tok is not None:
+        vocab = padded_vocab_size(tok.vocab_size, d.make_vocab_size_divisible_by, world_tp)
+    else:
+        vocab = run.model.vocab_size
+    if tok is not None and vocab < tok.vocab_size:
+        raise ConfigError(f"vocab_size={vocab} is smaller than the tokenizer's {tok.vocab_size}")
+    eod = tok.eod if tok is not None else vocab - 1
+    return tok, vocab, eod
+
+
+class Trainer:
+    def __init__(self, run, log=print):
+        self.run, self.log = run, log
+        self.stop_signal = None
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self):
+        run = self.run
+        p = run.parallel
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        run.validate(world)
+        tok, vocab, self.eod = resolve_vocab(run, p.tensor)
+        self.tokenizer = tok
+        if vocab != run.model.vocab_size:
+            run.model = run.model.replace(vocab_size=vocab)
+        if run.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        pstate.initialize(pstate.ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline,
+                                                p.context, p.sequence_parallel),
+                          seed=run.train.seed)
+        ps = mcore.parallel_state
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.tcfg = transformer_config(run)
+        self.chunks, self.flavour = build_model_chunks(run, self.tcfg)
+        self.optimizer, self.scheduler = build_optimizer(run, self.tcfg, self.chunks)
+        c = self.tcfg
+        c.finalize_model_grads_func = mcore.finalize_model_grads
+        c.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [m.no_sync for m in self.chunks]
+        c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.forward_backward = mcore.get_forward_backward_func()
+        t = run.train
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.iteration, self.consumed = 0, 0
+        self.skipped = self.nan_total = self.nan_consecutive = 0
+        if t.load:
+            st = ckpt.load_checkpoint(t.load, self.chunks, self.optimizer, self.scheduler)
+            if st is not None:
+                self.iteration = st["iteration"]
+                self.consumed = st["consumed_samples"]
+                self.skipped, self.nan_total = st.get("skipped", 0), st.get("nan_iterations", 0)
+                self.log(f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
+                         f"{self.iteration} (consumed samples {self.consumed})")
+        eval_steps = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+        self.train_ds, self.valid_ds = batches.build_datasets(
+            run.data, t.seed, t.train_iters * t.global_batch_size,
+            max(eval_steps, 1) * t.eval_iters * t.global_batch_size, vocab, self.eod)
+        self.flops = flops_per_token(run.model, run.data.seq_length)
+        self.peak = device_peak_tflops()
+        self.sinks = Sinks(t.tensorboard_dir, t.wandb_project, run.to_dict(),
+                           enabled=self.rank == self.world - 1)
+        if t.exit_on_signal:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, _frame):
+        self.stop_signal = signum
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _microbatches(self, dataset, step: int):
+        t = self.run.train
+        idx = batches.global_batch_indices(step, t.global_batch_size, self.dp_rank, self.dp_size,
+                                           t.micro_batch_size)
+        return [batches.collate([dataset[i] for i in mb], self.eod, self.run.data.document_masking)
+                for mb in idx]
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        dev = self.device
+        tokens = batch["tokens"].to(dev)
+        labels = batch["labels"].to(dev)
+        loss_mask = batch["loss_mask"].to(dev)
+        n = tokens.shape[1]
+        pos = torch.arange(n, device=dev).unsqueeze(0)
+        psp = batches.packed_seq_params(batch["cu_seqlens"].to(dev), n)
+        output = model(tokens, pos, None, packed_seq_params=psp)
+        z_coeff = self.run.optim.z_loss
+        tp_group = mcore.parallel_state.get_tensor_model_parallel_group()
+
+        def loss_func(logits_bsV):
+            ce, z = cross_entropy_with_z_loss(logits_bsV.transpose(0, 1), labels.t(), z_coeff,
+                                              tp_group)
+            mask = loss_mask.t()
+            loss = ((ce + z_coeff * z) * mask).sum()
+            n_tok = mask.sum().to(torch.int)
+            report = torch.stack([(ce.detach() * mask).sum(), (z.detach() * mask).sum(),
+                                  mask.sum()])
+            return loss, n_tok, {"sums": report}
+
+        return output, loss_func
+
+    def _run_schedule(self, microbatches, forward_only: bool):
+        iters = [iter(microbatches) for _ in self.chunks]
+        t = self.run.train
+        return self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.chunks,
+            num_microbatches=len(microbatches),
+            seq_length=t.micro_batch_size * self.run.data.seq_length,
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    def _reduce_report(self, store) -> torch.Tensor:
+        """[ce_sum, z_sum, tokens] over the global batch, the same on every rank."""
+        ps = mcore.parallel_state
+        total = torch.zeros(3, dtype=torch.float64)
+        for item in store:
+            total += item["sums"].detach().double().cpu()
+        is_reporter = (ps.is_pipeline_last_stage(ignore_virtual=True)
+                       and ps.get_tensor_model_parallel_rank() == 0
+                       and ps.get_context_parallel_rank() == 0)
+        if not is_reporter:
+            total.zero_()
+        total = total.to(self.device)
+        dist.all_reduce(total)
+        return total.cpu()
+
+    def _grads_finite(self) -> bool:
+        ok = True
+        for m in self.chunks:
+            for buf in m.buffers:
+                ok &= bool(torch.isfinite(buf.grad_data).all())
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
+
+    def train_step(self):
+        for m in self.chunks:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        mbs = self._microbatches(self.train_ds, self.iteration)
+        store = self._run_schedule(mbs, forward_only=False)
+        sums = self._reduce_report(store)
+        loss_finite = math.isfinite(sums[0].item()) and math.isfinite(sums[1].item())
+        if loss_finite and self._grads_finite():
+            ok, grad_norm, _ = self.optimizer.step()
+            if ok and grad_norm is not None and not math.isfinite(grad_norm):
+                ok = False
+        else:
+            ok, grad_norm = False, float("nan")
+        self.scheduler.step(increment=self.run.train.global_batch_size)
+        return sums, ok, grad_norm
+
+    def evaluate(self):
+        t = self.run.train
+        for m in self.chunks:
+            m.eval()
+        total = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for step in range(t.eval_iters):
+                store = self._run_schedule(self._microbatches(self.valid_ds, step), True)
+                total += self._reduce_report(store)
+        for m in self.chunks:
+            m.train()
+        return total[0].item() / max(total[2].item(), 1.0)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self):
+        run, t = self.run, self.run.train
+        if self.rank == 0:
+            self.log(banner(self))
+        tokens_per_step = t.global_batch_size * run.data.seq_length
+        last_log = time.time()
+        for m in self.chunks:
+            m.train()
+        while self.iteration < t.train_iters:
+            lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+            sums, ok, grad_norm = self.train_step()
+            self.iteration += 1
+            self.consumed += t.global_batch_size
+            if ok:
+                self.nan_consecutive = 0
+            else:
+                self.skipped += 1
+                self.nan_total += 1
+                self.nan_consecutive += 1
+            lm_loss = sums[0].item() / max(sums[2].item(), 1.0)
+            if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                now = time.time()
+                dt = (now - last_log) / t.log_interval
+                last_log = now
+                tok_s_gpu = tokens_per_step / dt / self.world
+                tflops = self.flops["total"] * tok_s_gpu / 1e12
+                mfu = 100.0 * tflops / self.peak if self.peak else None
+                line = iteration_line(
+                    iteration=self.iteration, train_iters=t.train_iters, consumed=self.consumed,
+                    elapsed_ms=dt * 1000.0, tflops=tflops, lr=lr,
+                    global_batch=t.global_batch_size,
+                    losses={"lm loss": lm_loss,
+                            "z loss": sums[1].item() / max(sums[2].item(), 1.0)},
+                    loss_scale=1.0, grad_norm=grad_norm, skipped=self.skipped,
+                    nan_iters=self.nan_total, tokens_per_gpu_s=tok_s_gpu, mfu=mfu)
+                if self.rank == 0:
+                    self.log(line)
+                self.sinks.log(self.iteration, {
+                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": grad_norm,
+                    "throughput": tflops, "tokens-per-sec-per-gpu": tok_s_gpu,
+                    **({"mfu": mfu} if mfu is not None else {})})
+            if self.nan_consecutive >= t.max_consecutive_nan:
+                raise TrainingStopped(
+                    f"stopping: {self.nan_consecutive} consecutive iterations with NaN/inf loss or "
+                    f"gradients (last at iteration {self.iteration}); lower the LR or check data")
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                val = self.evaluate()
+                if self.rank == 0:
+                    self.log(f" validation loss at iteration {self.iteration} | lm loss value: "
+                             f"{val:.6E} | lm loss PPL: {math.exp(min(val, 50)):.6E} |")
+                self.sinks.log(self.iteration, {"lm loss validation": val})
+            if t.save and t.save_interval and self.iteration % t.save_interval == 0:
+                self.save()
+            if self._should_stop_on_signal():
+                if t.save:
+                    self.save()
+                self.log(f"rank {self.rank}: stopped by signal {self.stop_signal} at iteration "
+                         f"{self.iteration}")
+                return self.iteration
+        if t.save and not (t.save_interval and self.iteration % t.save_interval == 0):
+            self.save()
+        self.sinks.close()
+        return self.iteration
+
+    def _should_stop_on_signal(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.stop_signal:
+            self.stop_signal = "peer"
+        return bool(flag.item())
+
+    def save(self):
+        t = self.run.train
+        path = ckpt.save_checkpoint(
+            t.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
+            self.run.to_dict(),
+            {"consumed_samples": self.consumed, "skipped": self.skipped,
+             "nan_iterations": self.nan_total})
+        if self.rank == 0:
+            self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
+
+
+def banner(tr: Trainer) -> str:
+    from megatron_hybrid.training.report import describe
+
+    return describe(tr.run, tr.world, flavour=tr.flavour,
+                    num_microbatches=tr.num_microbatches)

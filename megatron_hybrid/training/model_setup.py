@@ -1,0 +1,130 @@
+"""Model chunks, DDP wrapping, optimizer and LR schedule on megatron-core for a RunConfig."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_hybrid import mcore
+from megatron_hybrid.models.olmo_hybrid.model import build_model, default_flavour
+
+
+def params_dtype(run) -> torch.dtype:
+    p = run.train.precision
+    if p == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[p]
+
+
+def transformer_config(run):
+    p = run.parallel
+    dtype = params_dtype(run)
+    return run.model.transformer_config(
+        tensor_parallel=p.tensor,
+        pipeline_parallel=p.pipeline,
+        virtual_pipeline=p.virtual_pipeline,
+        context_parallel=p.context,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=dtype,
+        # Loss is summed per token and divided by the global token count in finalize_model_grads,
+        # so every parallel layout optimises exactly the same objective.
+        calculate_per_token_loss=True,
+        deterministic_mode=run.train.deterministic,
+    )
+
+
+def layer_pattern(run) -> str:
+    p = run.parallel
+    segments = p.pipeline * (p.virtual_pipeline or 1)
+    if run.hybrid_layer_pattern:
+        pattern = run.hybrid_layer_pattern
+        if "|" in pattern and pattern.count("|") + 1 != segments:
+            from megatron_hybrid.models.olmo_hybrid.config import ConfigError
+
+            raise ConfigError(
+                f"hybrid layer pattern has {pattern.count('|') + 1} pipeline segments; "
+                f"PP({p.pipeline}) x VP({p.virtual_pipeline or 1}) = {segments} are needed"
+            )
+        if "|" in pattern or segments == 1:
+            return pattern
+    return run.model.layer_pattern(segments)
+
+
+def build_model_chunks(run, tcfg):
+    """One chunk per virtual-pipeline stage, each wrapped in megatron DDP (+ bf16 wrapper)."""
+    flavour = default_flavour() if run.train.spec == "auto" else run.train.spec
+    pattern = layer_pattern(run)
+    vp = run.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vp or 1):
+        model = build_model(run.model, tcfg, flavour=flavour, pattern=pattern,
+                            vp_stage=vp_stage if vp else None)
+        if tcfg.bf16:
+            model = mcore.Float16Module(tcfg, model)
+        ddp_cfg = mcore.DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=run.parallel.distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        model = mcore.DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
+        model.vp_stage = vp_stage if vp else None
+        chunks.append(model)
+    for m in chunks:
+        m.broadcast_params()  # identical replicas across data-parallel ranks
+    return chunks, flavour
+
+
+def _no_decay(run):
+    decay_embeddings = run.optim.decay_embeddings
+
+    def fn(param, name: str) -> bool:
+        if param.ndim == 1 or name.endswith(".bias"):
+            return True  # norms, A_log, dt_bias, out-norm weight
+        return "word_embeddings" in name and not decay_embeddings
+
+    return fn
+
+
+def build_optimizer(run, tcfg, chunks):
+    o = run.optim
+    ocfg = mcore.OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=tcfg.bf16,
+        params_dtype=tcfg.params_dtype,
+        use_distributed_optimizer=run.parallel.distributed_optimizer,
+    )
+    key = mcore.ParamKey(
+        with_name_predicate=mcore.ParamWithNamePredicate(name="olmo_no_decay", fn=_no_decay(run))
+    )
+    overrides = {key: mcore.ParamGroupOverride(wd_mult=0.0)}
+    optimizer = mcore.get_megatron_optimizer(ocfg, chunks, config_overrides=overrides)
+    t = run.train
+    # megatron's scheduler counts samples (it is stepped by the global batch size each step).
+    gbs = t.global_batch_size
+    decay_iters = o.decay_iters or t.train_iters
+    style = {"wsd": "WSD"}.get(o.decay_style.lower(), o.decay_style.lower())
+    scheduler = mcore.OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_iters * gbs,
+        lr_decay_steps=decay_iters * gbs,
+        lr_decay_style=style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_iters * gbs,
+        wd_incr_style="constant",
+        wsd_decay_steps=(o.wsd_decay_iters or max(1, decay_iters // 10)) * gbs
+        if style == "WSD"
+        else None,
+        lr_wsd_decay_style="linear" if style == "WSD" else None,
+    )
+    return optimizer, scheduler
