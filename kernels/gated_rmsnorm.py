@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - no triton: only the torch backend
     def _jit(fn):
         return fn
 
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -278,6 +279,5 @@ def gated_rmsnorm_triton(
     x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
     """Triton forward + backward of :func:`gated_rmsnorm_torch` (see :func:`gated_rmsnorm`)."""
-    V = x.shape[-1]
     y_RV = _GatedRMSNormFn.apply(_rows(x), _rows(gate), weight.contiguous(), float(eps))
     return y_RV.view(x.shape)
