@@ -20,7 +20,15 @@ import torch
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 _saved_env = os.environ.get("TRITON_INTERPRET")
-if not ON_GPU and "triton" not in sys.modules:
+
+
+def _interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+if not ON_GPU and (
+    "triton" not in sys.modules or _interpreted(sys.modules["triton"].language.zeros)
+):
     os.environ["TRITON_INTERPRET"] = "1"
 
 from kernels import conv  # noqa: E402
@@ -36,7 +44,7 @@ if _saved_env is None:
     os.environ.pop("TRITON_INTERPRET", None)
 else:
     os.environ["TRITON_INTERPRET"] = _saved_env
-if not ON_GPU and type(ct._conv_fwd_kernel).__name__ != "InterpretedFunction":
+if not ON_GPU and not (_interpreted(ct._conv_fwd_kernel) and _interpreted(ct.tl.zeros)):
     pytest.skip(
         "triton was imported in compiled mode before this module could select the interpreter; "
         "run tests/kernels on its own (or with TRITON_INTERPRET=1)",
