@@ -76,7 +76,9 @@ def _check(k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, cu_seqlens) -> 
         or offsets[-1] != T
         or any(b < a for a, b in zip(offsets[:-1], offsets[1:]))
     ):
-        raise ValueError(f"cu_seqlens must be non-decreasing offsets from 0 to T={T}, got {offsets}")
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing offsets from 0 to T={T}, got {offsets}"
+        )
     return offsets
 
 
