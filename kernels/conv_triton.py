@@ -41,12 +41,13 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _blocks(x: torch.Tensor, C: int) -> tuple[int, int]:
-    """(BT, BC): large tiles on the GPU; small ones in the interpreter so that tests with small
-    odd sizes still cross time and channel block boundaries."""
+def _blocks(x: torch.Tensor, C: int, backward: bool) -> tuple[int, int, int]:
+    """(BT, BC, num_warps): ~16-32 fp32 values per thread per tile on the GPU (the backward keeps
+    more tiles live); small tiles in the interpreter so that tests with small odd sizes still
+    cross time and channel block boundaries."""
     if x.is_cuda and not interpreting():
-        return 64, min(128, triton.next_power_of_2(C))
-    return 16, min(32, triton.next_power_of_2(C))
+        return (32 if backward else 64), min(128, triton.next_power_of_2(C)), 8
+    return 16, min(32, triton.next_power_of_2(C)), 4
 
 
 @triton.jit
@@ -218,7 +219,7 @@ class _CausalConv1dFn(torch.autograd.Function):
         y_BTC = torch.empty(
             (B, T, C), dtype=torch.promote_types(x_BTC.dtype, weight_CW.dtype), device=x_BTC.device
         )
-        BT, BC = _blocks(x_BTC, C)
+        BT, BC, warps = _blocks(x_BTC, C, backward=False)
         grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
         _conv_fwd_kernel[grid](
             x_BTC,
@@ -234,6 +235,7 @@ class _CausalConv1dFn(torch.autograd.Function):
             HAS_INIT=h_BWC is not None,
             HAS_DOCS=start_T is not None,
             SILU=silu,
+            num_warps=warps,
         )
         ctx.save_for_backward(x_BTC, weight_CW, h_BWC, start_T)
         ctx.silu = silu
@@ -246,7 +248,7 @@ class _CausalConv1dFn(torch.autograd.Function):
         W = weight_CW.shape[1]
         dy_BTC = dy_BTC.contiguous()
         has_init = h_BWC is not None
-        BT, BC = _blocks(x_BTC, C)
+        BT, BC, warps = _blocks(x_BTC, C, backward=True)
         row0 = -(W - 1) if has_init else 0
         NBT = triton.cdiv(T - row0, BT)
         dx_BTC = torch.empty_like(x_BTC)
@@ -272,6 +274,7 @@ class _CausalConv1dFn(torch.autograd.Function):
             HAS_INIT=has_init,
             HAS_DOCS=start_T is not None,
             SILU=ctx.silu,
+            num_warps=warps,
         )
         # fixed-order reduction of the per-block partial sums (deterministic)
         dweight_CW = dw_PWC.sum(dim=0).t().to(weight_CW.dtype)
