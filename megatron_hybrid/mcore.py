@@ -1,3 +1,4 @@
+# ruff: noqa: E402, F401
 """The one place that imports megatron-core internals.
 
 Everything else in megatron_hybrid imports megatron-core names from here, so a megatron-core
@@ -5,13 +6,20 @@ upgrade (symbols move between minor releases: GPTModel -> HybridModel, parallel_
 ProcessGroupCollection, ...) is fixed in this file. Pinned: megatron-core 0.19.2.
 """
 
+import warnings
+
+# megatron-core announces every optional accelerator it does not find (apex, TE on CPU, absl) at
+# import time; those fallbacks are expected here, so keep the logs readable.
+for _msg in (".*Apex.*", ".*Transformer Engine.*", ".*absl.*", ".*apex.*"):
+    warnings.filterwarnings("ignore", message=_msg, category=UserWarning)
+
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: F401
-from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401
 from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: F401
     BlendedMegatronDatasetBuilder,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: F401
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: F401
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401
 from megatron.core.distributed import (  # noqa: F401
     DistributedDataParallel,
     DistributedDataParallelConfig,

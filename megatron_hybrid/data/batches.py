@@ -28,7 +28,13 @@ class MockDataset:
     (seed, i)."""
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, eod: int, seed: int):
-        self.n, self.s, self.vocab, self.eod, self.seed = num_samples, seq_length, vocab_size, eod, seed
+        self.n, self.s, self.vocab, self.eod, self.seed = (
+            num_samples,
+            seq_length,
+            vocab_size,
+            eod,
+            seed,
+        )
 
     def __len__(self):
         return self.n
@@ -40,12 +46,16 @@ class MockDataset:
         n_docs = int(torch.randint(1, 4, (1,), generator=g))
         ends = torch.randint(0, self.s, (n_docs - 1,), generator=g)
         text[ends] = self.eod  # ... then place a few document ends
-        return {"tokens": text[:-1], "labels": text[1:],
-                "loss_mask": torch.ones(self.s, dtype=torch.float)}
+        return {
+            "tokens": text[:-1],
+            "labels": text[1:],
+            "loss_mask": torch.ones(self.s, dtype=torch.float),
+        }
 
 
-def build_datasets(data_cfg, seed: int, train_samples: int, eval_samples: int, vocab_size: int,
-                   eod: int):
+def build_datasets(
+    data_cfg, seed: int, train_samples: int, eval_samples: int, vocab_size: int, eod: int
+):
     """(train, valid) datasets. Mock data, or megatron-core GPTDatasets over the blend."""
     if data_cfg.mock:
         train = MockDataset(train_samples, data_cfg.seq_length, vocab_size, eod, seed)
@@ -99,21 +109,28 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> None:
     expected = int(ds.index.sequence_lengths.sum()) * itemsize
     actual = os.path.getsize(prefix + ".bin")
     if actual < expected:
-        raise ValueError(f"--data-path {prefix}: {prefix}.bin is truncated ({actual:,} bytes, "
-                         f"index expects {expected:,})")
+        raise ValueError(
+            f"--data-path {prefix}: {prefix}.bin is truncated ({actual:,} bytes, "
+            f"index expects {expected:,})"
+        )
     top = int(np.max(ds.bin_reader.read(ds.index.dtype, expected // itemsize, 0)))
     if top >= vocab_size:
-        raise ValueError(f"--data-path {prefix}: token id {top} >= model vocab_size {vocab_size} "
-                         "(wrong tokenizer, or set --vocab-size)")
+        raise ValueError(
+            f"--data-path {prefix}: token id {top} >= model vocab_size {vocab_size} "
+            "(wrong tokenizer, or set --vocab-size)"
+        )
 
 
-def global_batch_indices(step: int, global_batch: int, dp_rank: int, dp_size: int,
-                         micro_batch: int) -> list[list[int]]:
+def global_batch_indices(
+    step: int, global_batch: int, dp_rank: int, dp_size: int, micro_batch: int
+) -> list[list[int]]:
     """Sample indices of this DP rank's micro-batches at ``step`` (0-based): the global batch is
     samples [step*G, (step+1)*G), split contiguously over DP ranks, then into micro-batches."""
     per_rank = global_batch // dp_size
     start = step * global_batch + dp_rank * per_rank
-    return [list(range(start + m, start + m + micro_batch)) for m in range(0, per_rank, micro_batch)]
+    return [
+        list(range(start + m, start + m + micro_batch)) for m in range(0, per_rank, micro_batch)
+    ]
 
 
 def collate(samples: list[dict], eod: int, document_masking: bool) -> dict:

@@ -43,8 +43,10 @@ class PreprocessSummary:
             self.examples[kind].append(where)
 
     def report(self) -> str:
-        lines = [f"documents: {self.documents:,}  tokens: {self.tokens:,}  "
-                 f"read {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s"]
+        lines = [
+            f"documents: {self.documents:,}  tokens: {self.tokens:,}  "
+            f"read {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s"
+        ]
         if self.skipped:
             lines.append("skipped lines:")
             for kind, n in sorted(self.skipped.items()):
@@ -117,8 +119,17 @@ def _lines(files):
                 yield f"{path}:{lineno}", raw.rstrip(b"\r\n")
 
 
-def preprocess(inputs, output_prefix, tokenizer_type, tokenizer_model, json_keys=("text",),
-               workers=1, append_eod=True, strict=False, progress=True) -> PreprocessSummary:
+def preprocess(
+    inputs,
+    output_prefix,
+    tokenizer_type,
+    tokenizer_model,
+    json_keys=("text",),
+    workers=1,
+    append_eod=True,
+    strict=False,
+    progress=True,
+) -> PreprocessSummary:
     from megatron_hybrid import mcore
 
     files = expand_inputs(list(inputs))
@@ -142,8 +153,14 @@ def preprocess(inputs, output_prefix, tokenizer_type, tokenizer_model, json_keys
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                   file=sys.stderr, mininterval=0.5)
+        bar = tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="tokenizing",
+            file=sys.stderr,
+            mininterval=0.5,
+        )
     try:
         if workers > 1:
             pool = mp.get_context("fork").Pool(workers, _init_worker, init)
@@ -167,8 +184,10 @@ def preprocess(inputs, output_prefix, tokenizer_type, tokenizer_model, json_keys
                 bar.update(nbytes + 1)
                 if summary.documents % 256 == 0:
                     el = max(time.time() - start, 1e-9)
-                    bar.set_postfix(docs_s=f"{summary.documents / el:.0f}",
-                                    MB_s=f"{summary.bytes_read / el / 1e6:.1f}")
+                    bar.set_postfix(
+                        docs_s=f"{summary.documents / el:.0f}",
+                        MB_s=f"{summary.bytes_read / el / 1e6:.1f}",
+                    )
         if pool is not None:
             pool.close()
             pool.join()

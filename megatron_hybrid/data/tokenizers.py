@@ -18,7 +18,9 @@ class SentencePieceTokenizer:
         self.path = model_path
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         if self.sp.eos_id() < 0:
-            raise ValueError(f"{model_path}: the sentencepiece model has no EOS piece (needed as EOD)")
+            raise ValueError(
+                f"{model_path}: the sentencepiece model has no EOS piece (needed as EOD)"
+            )
 
     @property
     def vocab_size(self) -> int:

@@ -21,7 +21,6 @@ Projection layout (decided for FP8 and for checkpoint resharding):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -50,15 +49,7 @@ class GDNShape:
     conv_kernel: int = 4
     allow_neg_eigval: bool = True
     norm_eps: float = 1e-5
-    a_log_range: tuple[float, float] = (0.0, 16.0)
-    dt_range: tuple[float, float] = (1e-3, 1e-1)
-    dt_init_floor: float = 1e-4
-    init_std: float = 0.02
     backend: str = "auto"
-
-
-def _trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
-    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
 
 class OlmoGatedDeltaNet(mcore.MegatronModule):
@@ -78,7 +69,6 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         self.layer_number = layer_number
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
-        rank = self.tp_group.rank()
         if gdn.num_heads % tp:
             raise ValueError(f"GDN heads ({gdn.num_heads}) must be divisible by TP size ({tp})")
         H, K, V = gdn.num_heads // tp, gdn.head_k_dim, gdn.head_v_dim
@@ -114,21 +104,12 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             **common,
         )
 
-        # Per-head parameters: initialise the full tensor with the seeded CPU RNG, keep this
-        # rank's heads, so that the model is identical at every TP size.
+        # Per-head parameters, sharded by heads like the projections. Values are set by
+        # models/olmo_hybrid/init.py (layout-invariant Olmo init), not here.
         dtype = config.params_dtype
-        conv_full = _trunc_normal_(
-            torch.empty(gdn.num_heads, 2 * K + V, gdn.conv_kernel), gdn.init_std
-        )
-        a_lo, a_hi = gdn.a_log_range
-        a_log_full = torch.empty(gdn.num_heads).uniform_(a_lo, a_hi).log()
-        lo, hi = math.log(gdn.dt_range[0]), math.log(gdn.dt_range[1])
-        dt = torch.exp(torch.rand(gdn.num_heads) * (hi - lo) + lo).clamp(min=gdn.dt_init_floor)
-        dt_bias_full = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
-        heads = slice(rank * H, (rank + 1) * H)
-        self.conv_weight = nn.Parameter(conv_full[heads].reshape(H * (2 * K + V), -1).to(dtype))
-        self.A_log = nn.Parameter(a_log_full[heads].to(dtype))
-        self.dt_bias = nn.Parameter(dt_bias_full[heads].to(dtype))
+        self.conv_weight = nn.Parameter(torch.empty(H * (2 * K + V), gdn.conv_kernel, dtype=dtype))
+        self.A_log = nn.Parameter(torch.zeros(H, dtype=dtype))
+        self.dt_bias = nn.Parameter(torch.zeros(H, dtype=dtype))
         for p in (self.conv_weight, self.A_log, self.dt_bias):
             mcore.set_tensor_model_parallel_attributes(p, True, 0, 1)
         self.out_norm_weight = nn.Parameter(torch.ones(V, dtype=dtype))

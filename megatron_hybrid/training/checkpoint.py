@@ -53,8 +53,11 @@ def _model_sharded_state_dict(chunks) -> dict:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
         state["tracker"] = mcore.tensor_parallel.get_cuda_rng_tracker().get_states()
@@ -74,8 +77,9 @@ def _rng_object(world: int, rank: int, data=None):
     return mcore.ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
 
 
-def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict,
-                    train_state: dict) -> str:
+def save_checkpoint(
+    root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict, train_state: dict
+) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -91,8 +95,9 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, run
     sd["train_state"] = dict(train_state)
     sd["world_size"] = world
     sd["rng_state"] = _rng_object(world, rank, _rng_state())
-    mcore.dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp,
-                                  content_metadata=OPTIM_META)
+    mcore.dist_checkpointing.save(
+        sharded_state_dict=sd, checkpoint_dir=tmp, content_metadata=OPTIM_META
+    )
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
@@ -110,8 +115,14 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer, scheduler, run
     return final
 
 
-def load_checkpoint(root: str, chunks, optimizer, scheduler, iteration: int | None = None,
-                    load_optimizer: bool = True) -> dict | None:
+def load_checkpoint(
+    root: str,
+    chunks,
+    optimizer,
+    scheduler,
+    iteration: int | None = None,
+    load_optimizer: bool = True,
+) -> dict | None:
     """Restore in place; returns the saved train_state, or None when ``root`` has no checkpoint."""
     if iteration is None:
         iteration = latest_iteration(root)
@@ -125,8 +136,9 @@ def load_checkpoint(root: str, chunks, optimizer, scheduler, iteration: int | No
     model_sd = _model_sharded_state_dict(chunks)
     sd = dict(model_sd)
     if load_optimizer and optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                       metadata=OPTIM_META)
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIM_META
+        )
     same_layout = common.get("world_size") == world
     if same_layout:
         sd["rng_state"] = _rng_object(world, rank)

@@ -101,8 +101,10 @@ def _field_annotation(obj, name: str) -> str:
     for f in dataclasses.fields(obj):
         if f.name == name:
             return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    raise ConfigError(f"unknown config field {name!r} in {type(obj).__name__}; valid: "
-                      f"{', '.join(f.name for f in dataclasses.fields(obj))}")
+    raise ConfigError(
+        f"unknown config field {name!r} in {type(obj).__name__}; valid: "
+        f"{', '.join(f.name for f in dataclasses.fields(obj))}"
+    )
 
 
 def apply_setting(run: RunConfig, dotted: str, value, model_changes: dict) -> None:
@@ -136,8 +138,9 @@ def _apply_yaml(run: RunConfig, data: dict, model_changes: dict) -> None:
             for k, v in body.items():
                 if isinstance(v, list) and section == "model" and k.endswith("_range"):
                     v = tuple(v)
-                apply_setting(run, f"{section}.{k}", v if not isinstance(v, str) else str(v),
-                              model_changes)
+                apply_setting(
+                    run, f"{section}.{k}", v if not isinstance(v, str) else str(v), model_changes
+                )
         else:
             apply_setting(run, section, body, model_changes)
 
@@ -147,14 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-hybrid-train",
         description="Pretrain an Olmo-Hybrid model on megatron-core (run under torchrun or srun).",
         epilog="Overrides: section.field=value or --section.field=value (sections: model, "
-               "parallel, data, optim, train). Example: optim.lr=3e-4 train.log_interval=10")
+        "parallel, data, optim, train). Example: optim.lr=3e-4 train.log_interval=10",
+    )
     p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, help="YAML file with the same sections")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print resolved config, parallel layout, parameters and FLOPs, then exit "
-                        "without building a model")
-    p.add_argument("--world-size", type=int, default=None,
-                   help="with --dry-run: the world size to plan for (default: $WORLD_SIZE or 1)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print resolved config, parallel layout, parameters and FLOPs, then exit "
+        "without building a model",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="with --dry-run: the world size to plan for (default: $WORLD_SIZE or 1)",
+    )
     for flag, (_dest, kind) in MEGATRON_FLAGS.items():
         if kind is True or kind is False or kind in ("bf16", "fp32"):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)

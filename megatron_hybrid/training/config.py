@@ -160,13 +160,16 @@ class RunConfig:
             raise ConfigError("sequence_parallel needs tensor parallel size > 1")
         self.model.check_parallel(p.tensor)
         if self.data.seq_length % (p.tensor if p.sequence_parallel else 1):
-            raise ConfigError(f"seq_length={self.data.seq_length} is not divisible by TP={p.tensor} "
-                              "(needed by sequence parallelism)")
+            raise ConfigError(
+                f"seq_length={self.data.seq_length} is not divisible by TP={p.tensor} "
+                "(needed by sequence parallelism)"
+            )
         if t.fp8_format or t.fp8_recipe:
             raise ConfigError("fp8_format/fp8_recipe: FP8 training is not supported yet")
         if self.optim.decay_style.lower() not in ("cosine", "linear", "wsd", "constant"):
-            raise ConfigError(f"decay_style={self.optim.decay_style!r}: use cosine, linear, WSD "
-                              "or constant")
+            raise ConfigError(
+                f"decay_style={self.optim.decay_style!r}: use cosine, linear, WSD or constant"
+            )
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision={t.precision!r}: use auto, bf16 or fp32")
         if not self.data.mock and not self.data.data_path:

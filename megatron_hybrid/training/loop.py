@@ -71,9 +71,12 @@ class Trainer:
         if run.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        pstate.initialize(pstate.ParallelLayout(p.tensor, p.pipeline, p.virtual_pipeline,
-                                                p.context, p.sequence_parallel),
-                          seed=run.train.seed)
+        pstate.initialize(
+            pstate.ParallelLayout(
+                p.tensor, p.pipeline, p.virtual_pipeline, p.context, p.sequence_parallel
+            ),
+            seed=run.train.seed,
+        )
         ps = mcore.parallel_state
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
@@ -98,16 +101,24 @@ class Trainer:
                 self.iteration = st["iteration"]
                 self.consumed = st["consumed_samples"]
                 self.skipped, self.nan_total = st.get("skipped", 0), st.get("nan_iterations", 0)
-                self.log(f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
-                         f"{self.iteration} (consumed samples {self.consumed})")
+                self.log(
+                    f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
+                    f"{self.iteration} (consumed samples {self.consumed})"
+                )
         eval_steps = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
         self.train_ds, self.valid_ds = batches.build_datasets(
-            run.data, t.seed, t.train_iters * t.global_batch_size,
-            max(eval_steps, 1) * t.eval_iters * t.global_batch_size, vocab, self.eod)
+            run.data,
+            t.seed,
+            t.train_iters * t.global_batch_size,
+            max(eval_steps, 1) * t.eval_iters * t.global_batch_size,
+            vocab,
+            self.eod,
+        )
         self.flops = flops_per_token(run.model, run.data.seq_length)
         self.peak = device_peak_tflops()
-        self.sinks = Sinks(t.tensorboard_dir, t.wandb_project, run.to_dict(),
-                           enabled=self.rank == self.world - 1)
+        self.sinks = Sinks(
+            t.tensorboard_dir, t.wandb_project, run.to_dict(), enabled=self.rank == self.world - 1
+        )
         if t.exit_on_signal:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._on_signal)
@@ -119,10 +130,13 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------------
     def _microbatches(self, dataset, step: int):
         t = self.run.train
-        idx = batches.global_batch_indices(step, t.global_batch_size, self.dp_rank, self.dp_size,
-                                           t.micro_batch_size)
-        return [batches.collate([dataset[i] for i in mb], self.eod, self.run.data.document_masking)
-                for mb in idx]
+        idx = batches.global_batch_indices(
+            step, t.global_batch_size, self.dp_rank, self.dp_size, t.micro_batch_size
+        )
+        return [
+            batches.collate([dataset[i] for i in mb], self.eod, self.run.data.document_masking)
+            for mb in idx
+        ]
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -138,13 +152,15 @@ class Trainer:
         tp_group = mcore.parallel_state.get_tensor_model_parallel_group()
 
         def loss_func(logits_bsV):
-            ce, z = cross_entropy_with_z_loss(logits_bsV.transpose(0, 1), labels.t(), z_coeff,
-                                              tp_group)
+            ce, z = cross_entropy_with_z_loss(
+                logits_bsV.transpose(0, 1), labels.t(), z_coeff, tp_group
+            )
             mask = loss_mask.t()
             loss = ((ce + z_coeff * z) * mask).sum()
             n_tok = mask.sum().to(torch.int)
-            report = torch.stack([(ce.detach() * mask).sum(), (z.detach() * mask).sum(),
-                                  mask.sum()])
+            report = torch.stack(
+                [(ce.detach() * mask).sum(), (z.detach() * mask).sum(), mask.sum()]
+            )
             return loss, n_tok, {"sums": report}
 
         return output, loss_func
@@ -168,9 +184,11 @@ class Trainer:
         total = torch.zeros(3, dtype=torch.float64)
         for item in store:
             total += item["sums"].detach().double().cpu()
-        is_reporter = (ps.is_pipeline_last_stage(ignore_virtual=True)
-                       and ps.get_tensor_model_parallel_rank() == 0
-                       and ps.get_context_parallel_rank() == 0)
+        is_reporter = (
+            ps.is_pipeline_last_stage(ignore_virtual=True)
+            and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0
+        )
         if not is_reporter:
             total.zero_()
         total = total.to(self.device)
@@ -245,36 +263,59 @@ class Trainer:
                 tflops = self.flops["total"] * tok_s_gpu / 1e12
                 mfu = 100.0 * tflops / self.peak if self.peak else None
                 line = iteration_line(
-                    iteration=self.iteration, train_iters=t.train_iters, consumed=self.consumed,
-                    elapsed_ms=dt * 1000.0, tflops=tflops, lr=lr,
+                    iteration=self.iteration,
+                    train_iters=t.train_iters,
+                    consumed=self.consumed,
+                    elapsed_ms=dt * 1000.0,
+                    tflops=tflops,
+                    lr=lr,
                     global_batch=t.global_batch_size,
-                    losses={"lm loss": lm_loss,
-                            "z loss": sums[1].item() / max(sums[2].item(), 1.0)},
-                    loss_scale=1.0, grad_norm=grad_norm, skipped=self.skipped,
-                    nan_iters=self.nan_total, tokens_per_gpu_s=tok_s_gpu, mfu=mfu)
+                    losses={
+                        "lm loss": lm_loss,
+                        "z loss": sums[1].item() / max(sums[2].item(), 1.0),
+                    },
+                    loss_scale=1.0,
+                    grad_norm=grad_norm,
+                    skipped=self.skipped,
+                    nan_iters=self.nan_total,
+                    tokens_per_gpu_s=tok_s_gpu,
+                    mfu=mfu,
+                )
                 if self.rank == 0:
                     self.log(line)
-                self.sinks.log(self.iteration, {
-                    "lm loss": lm_loss, "learning-rate": lr, "grad-norm": grad_norm,
-                    "throughput": tflops, "tokens-per-sec-per-gpu": tok_s_gpu,
-                    **({"mfu": mfu} if mfu is not None else {})})
+                self.sinks.log(
+                    self.iteration,
+                    {
+                        "lm loss": lm_loss,
+                        "learning-rate": lr,
+                        "grad-norm": grad_norm,
+                        "throughput": tflops,
+                        "tokens-per-sec-per-gpu": tok_s_gpu,
+                        **({"mfu": mfu} if mfu is not None else {}),
+                    },
+                )
             if self.nan_consecutive >= t.max_consecutive_nan:
                 raise TrainingStopped(
                     f"stopping: {self.nan_consecutive} consecutive iterations with NaN/inf loss or "
-                    f"gradients (last at iteration {self.iteration}); lower the LR or check data")
+                    f"gradients (last at iteration {self.iteration}); lower the LR or check data"
+                )
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 val = self.evaluate()
                 if self.rank == 0:
-                    self.log(f" validation loss at iteration {self.iteration} | lm loss value: "
-                             f"{val:.6E} | lm loss PPL: {math.exp(min(val, 50)):.6E} |")
+                    self.log(
+                        f" validation loss at iteration {self.iteration} | lm loss value: "
+                        f"{val:.6E} | lm loss PPL: {math.exp(min(val, 50)):.6E} |"
+                    )
                 self.sinks.log(self.iteration, {"lm loss validation": val})
             if t.save and t.save_interval and self.iteration % t.save_interval == 0:
                 self.save()
             if self._should_stop_on_signal():
                 if t.save:
                     self.save()
-                self.log(f"rank {self.rank}: stopped by signal {self.stop_signal} at iteration "
-                         f"{self.iteration}")
+                self.log(
+                    f"rank {self.rank}: stopped by signal {self.stop_signal} at iteration "
+                    f"{self.iteration}"
+                )
                 return self.iteration
         if t.save and not (t.save_interval and self.iteration % t.save_interval == 0):
             self.save()
@@ -291,10 +332,18 @@ class Trainer:
     def save(self):
         t = self.run.train
         path = ckpt.save_checkpoint(
-            t.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
+            t.save,
+            self.iteration,
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
             self.run.to_dict(),
-            {"consumed_samples": self.consumed, "skipped": self.skipped,
-             "nan_iterations": self.nan_total})
+            {
+                "consumed_samples": self.consumed,
+                "skipped": self.skipped,
+                "nan_iterations": self.nan_total,
+            },
+        )
         if self.rank == 0:
             self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
 
@@ -302,5 +351,4 @@ class Trainer:
 def banner(tr: Trainer) -> str:
     from megatron_hybrid.training.report import describe
 
-    return describe(tr.run, tr.world, flavour=tr.flavour,
-                    num_microbatches=tr.num_microbatches)
+    return describe(tr.run, tr.world, flavour=tr.flavour, num_microbatches=tr.num_microbatches)

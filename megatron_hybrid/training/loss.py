@@ -26,7 +26,9 @@ class _CrossEntropyZLoss(torch.autograd.Function):
         sum_exp = exp.sum(-1)
         local_t = target - vocab_start
         in_range = (local_t >= 0) & (local_t < vocab_local)
-        picked = torch.gather(logits, -1, local_t.clamp(0, vocab_local - 1).unsqueeze(-1)).squeeze(-1)
+        picked = torch.gather(logits, -1, local_t.clamp(0, vocab_local - 1).unsqueeze(-1)).squeeze(
+            -1
+        )
         picked = torch.where(in_range, picked, torch.zeros_like(picked))
         if group is not None:
             dist.all_reduce(sum_exp, group=group)

@@ -6,9 +6,23 @@ from __future__ import annotations
 import datetime
 
 
-def iteration_line(*, iteration, train_iters, consumed, elapsed_ms, tflops, lr, global_batch,
-                   losses: dict, loss_scale, grad_norm, skipped, nan_iters, tokens_per_gpu_s,
-                   mfu) -> str:
+def iteration_line(
+    *,
+    iteration,
+    train_iters,
+    consumed,
+    elapsed_ms,
+    tflops,
+    lr,
+    global_batch,
+    losses: dict,
+    loss_scale,
+    grad_norm,
+    skipped,
+    nan_iters,
+    tokens_per_gpu_s,
+    mfu,
+) -> str:
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
     s = f"[{now}] iteration {iteration:8d}/{train_iters:8d} |"
     s += f" consumed samples: {consumed:12d} |"
@@ -39,8 +53,9 @@ class Sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package "
-                                   "(pip install tensorboard)") from e
+                raise RuntimeError(
+                    "--tensorboard-dir needs the tensorboard package (pip install tensorboard)"
+                ) from e
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
         if wandb_project:
             try:

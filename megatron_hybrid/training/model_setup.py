@@ -56,8 +56,14 @@ def build_model_chunks(run, tcfg):
     vp = run.parallel.virtual_pipeline
     chunks = []
     for vp_stage in range(vp or 1):
-        model = build_model(run.model, tcfg, flavour=flavour, pattern=pattern,
-                            vp_stage=vp_stage if vp else None)
+        model = build_model(
+            run.model,
+            tcfg,
+            flavour=flavour,
+            pattern=pattern,
+            vp_stage=vp_stage if vp else None,
+            seed=run.train.seed,
+        )
         if tcfg.bf16:
             model = mcore.Float16Module(tcfg, model)
         ddp_cfg = mcore.DistributedDataParallelConfig(

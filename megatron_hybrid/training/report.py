@@ -8,8 +8,13 @@ import json
 from megatron_hybrid.training.flops import flops_per_token
 
 
-def describe(run, world_size: int, flavour: str | None = None,
-             num_microbatches: int | None = None, show_config: bool = False) -> str:
+def describe(
+    run,
+    world_size: int,
+    flavour: str | None = None,
+    num_microbatches: int | None = None,
+    show_config: bool = False,
+) -> str:
     p, t, m = run.parallel, run.train, run.model
     dp = run.data_parallel_size(world_size)
     nmb = num_microbatches or t.global_batch_size // (t.micro_batch_size * dp)
@@ -20,13 +25,17 @@ def describe(run, world_size: int, flavour: str | None = None,
         f"parallel layout: world {world_size} = TP {p.tensor} x PP {p.pipeline}"
         f"{f' (VP {p.virtual_pipeline})' if p.virtual_pipeline else ''} x CP {p.context} x "
         f"DP {dp} | sequence parallel {p.sequence_parallel} | distributed optimizer "
-        f"{p.distributed_optimizer}" + (f" | layer spec {flavour}" if flavour else ""))
+        f"{p.distributed_optimizer}" + (f" | layer spec {flavour}" if flavour else "")
+    )
     lines.append(
         f"batch: global {t.global_batch_size} x seq {run.data.seq_length} = "
         f"{t.global_batch_size * run.data.seq_length:,} tokens/step | micro-batch "
-        f"{t.micro_batch_size} | micro-batches per step per DP rank {nmb}")
-    lines.append(f"model: {run.preset} | pattern {m.layer_pattern()} | vocab {m.vocab_size} | "
-                 f"RoPE {m.rope_theta if m.rope_theta else 'none (NoPE)'}")
+        f"{t.micro_batch_size} | micro-batches per step per DP rank {nmb}"
+    )
+    lines.append(
+        f"model: {run.preset} | pattern {m.layer_pattern()} | vocab {m.vocab_size} | "
+        f"RoPE {m.rope_theta if m.rope_theta else 'none (NoPE)'}"
+    )
     counts = m.num_params_by_type()
     total = sum(counts.values())
     lines.append(f"parameters: {total:,} total")

@@ -17,8 +17,9 @@ def test_matches_torch_reference():
     g_ours = logits.grad.clone()
     logits.grad = None
     lse = torch.logsumexp(logits, -1)
-    ref_ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(),
-                                               reduction="none").view(7, 3)
+    ref_ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), target.flatten(), reduction="none"
+    ).view(7, 3)
     torch.testing.assert_close(ce, ref_ce.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(z, (lse * lse).float(), rtol=1e-6, atol=1e-6)
     (ref_ce + coeff * lse * lse).sum().backward()

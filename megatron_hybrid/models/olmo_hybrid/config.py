@@ -260,10 +260,17 @@ class OlmoHybridConfig:
             if use_cpu_initialization is None
             else use_cpu_initialization,
             bias_dropout_fusion=not cpu,
+            # Weights are drawn by models/olmo_hybrid/init.py (same model at every layout).
+            perform_initialization=False,
             apply_rope_fusion=False,
             masked_softmax_fusion=False,
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
+            # gloo matches point-to-point messages by (peer, tag) in posting order; megatron's
+            # batched p2p posts sends/receives in an order that crosses forward activations and
+            # backward gradients between two ranks under the interleaved (virtual) pipeline.
+            # The unbatched path orders them even/odd and is correct on gloo.
+            batch_p2p_comm=not cpu,
         )
         kwargs.update(overrides)
         return mcore.TransformerConfig(**kwargs)

@@ -25,6 +25,7 @@ from megatron_hybrid.models.olmo_hybrid.config import (
     ConfigError,
     OlmoHybridConfig,
 )
+from megatron_hybrid.parallel.sharding import shard_tensor, unshard_tensor
 
 # ---------------------------------------------------------------------------------------------
 # configs
@@ -319,10 +320,6 @@ def megatron_to_hf(
 # TP sharding, driven by megatron's parameter attributes
 
 
-def _is_glu_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
-
-
 def shard_for_rank(
     full: Mapping[str, torch.Tensor], model: torch.nn.Module, tp_rank: int, tp_size: int
 ) -> dict:
@@ -331,14 +328,7 @@ def shard_for_rank(
     for name, param in model.named_parameters():
         if name not in full:
             raise KeyError(f"no weight for model parameter {name!r}")
-        t = full[name]
-        if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
-            dim = param.partition_dim
-            if _is_glu_fc1(name):  # [gate; up]: each rank holds [gate_r; up_r]
-                gate, up = t.chunk(2, dim=0)
-                t = torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]])
-            else:
-                t = t.chunk(tp_size, dim=dim)[tp_rank]
+        t = shard_tensor(name, full[name], param, tp_rank, tp_size)
         if t.shape != param.shape:
             raise ValueError(
                 f"{name}: weight shape {tuple(t.shape)} != parameter {tuple(param.shape)}"
@@ -349,15 +339,7 @@ def shard_for_rank(
 
 def unshard_from_ranks(per_rank: list[Mapping[str, torch.Tensor]], model: torch.nn.Module) -> dict:
     """Inverse of ``shard_for_rank`` given every TP rank's tensors (e.g. gathered gradients)."""
-    out = {}
-    for name, param in model.named_parameters():
-        parts = [sd[name] for sd in per_rank]
-        if getattr(param, "tensor_model_parallel", False) and len(parts) > 1:
-            if _is_glu_fc1(name):
-                gates, ups = zip(*(p.chunk(2, 0) for p in parts))
-                out[name] = torch.cat([*gates, *ups])
-            else:
-                out[name] = torch.cat(parts, dim=param.partition_dim)
-        else:
-            out[name] = parts[0]
-    return out
+    return {
+        name: unshard_tensor(name, [sd[name] for sd in per_rank], param)
+        for name, param in model.named_parameters()
+    }

@@ -6,6 +6,7 @@ import torch
 
 from megatron_hybrid import mcore
 from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.models.olmo_hybrid.init import initialize_weights
 from megatron_hybrid.models.olmo_hybrid.specs import stack_spec
 from megatron_hybrid.parallel.state import process_groups
 
@@ -31,11 +32,13 @@ def build_model(
     vp_stage: int | None = None,
     parallel_output: bool = True,
     pattern: str | None = None,
+    seed: int | None = 1234,
 ) -> mcore.HybridModel:
     """One model chunk on this rank (megatron's parallel state must be initialised).
 
     ``pattern`` may carry '|' pipeline boundaries; by default the blocks are split evenly over
-    pipeline x virtual-pipeline segments.
+    pipeline x virtual-pipeline segments. ``seed`` draws the Olmo init (layout-invariant, see
+    init.py); None leaves the parameters unset (e.g. weights are loaded right after).
     """
     ps = mcore.parallel_state
     tcfg = transformer_config or cfg.transformer_config(
@@ -69,4 +72,6 @@ def build_model(
     )
     if torch.cuda.is_available():
         model = model.cuda()
+    if seed is not None:
+        initialize_weights(model, cfg, seed)
     return model

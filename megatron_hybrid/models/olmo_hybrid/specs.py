@@ -58,10 +58,6 @@ def gdn_shape(cfg: OlmoHybridConfig) -> GDNShape:
         conv_kernel=cfg.gdn_conv_kernel,
         allow_neg_eigval=cfg.gdn_allow_neg_eigval,
         norm_eps=cfg.gdn_norm_eps,
-        a_log_range=tuple(cfg.gdn_a_log_range),
-        dt_range=tuple(cfg.gdn_dt_range),
-        dt_init_floor=cfg.gdn_dt_init_floor,
-        init_std=cfg.init_std,
         backend=cfg.gdn_backend,
     )
 

@@ -1,0 +1,44 @@
+"""A real-text corpus available on every machine: the running interpreter's standard library.
+
+Each ``.py`` file of the stdlib becomes one jsonl document (source code and docstrings: real,
+varied English + code). Deterministic order; size capped so the demo stays CPU-friendly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+
+
+def build_stdlib_corpus(
+    out_path: str, max_bytes: int = 8_000_000, max_file_bytes: int = 200_000
+) -> dict:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in ("site-packages", "test", "tests", "__pycache__", "idlelib")
+        )
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    written = docs = 0
+    with open(out_path, "w", encoding="utf-8") as out:
+        for path in files:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except (UnicodeDecodeError, OSError):
+                continue
+            if not text.strip() or len(text) > max_file_bytes:
+                continue
+            line = json.dumps({"text": text, "source": os.path.relpath(path, root)})
+            out.write(line + "\n")
+            written += len(line) + 1
+            docs += 1
+            if written >= max_bytes:
+                break
+    if docs == 0:
+        raise RuntimeError(f"no Python sources found under {root}")
+    return {"documents": docs, "bytes": written, "root": root}
