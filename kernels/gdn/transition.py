@@ -36,6 +36,10 @@ token 0). The map from ``S_in`` to the state at the shard END is then (see
             = 0      otherwise (a document boundary lies inside or at the start of the shard:
                      the state was reset, so S_end does not depend on S_in)
 
+Across ranks the shard maps compose like the steps themselves (a scan over ranks):
+``S_end[r] = A_shard[r] @ S_end[r-1] + B_shard[r]``, so each rank's ``S_in`` follows from the
+``(A_shard, B_shard)`` of the ranks before it.
+
 The first sequence's own outputs and final state need ``S_in`` itself (not A): rerun, or
 correct, the first ``first_doc_len`` tokens with ``initial_state = S_in``; every later sequence in
 the shard is independent of ``S_in``.
@@ -48,7 +52,8 @@ beta_t (k_t . k_j) exp(G_t - G_j)`` strictly lower triangular, ``W = (I + A)^-1 
 
 i.e. the chunked state update ``S_next = exp(G_C) S + (k exp(G_C - G))^T (U - W S)`` with
 ``U = 0``. Each segment's chunk products are then multiplied pairwise in a balanced tree
-(log2 of the longest segment's chunk count batched matmuls). Entries below fp32's range (strong decay over long segments) flush to 0.
+(log2 of the longest segment's chunk count batched matmuls). Entries below fp32's range
+(strong decay over long segments) flush to 0.
 """
 
 from __future__ import annotations
