@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -102,6 +103,11 @@ def _check_fla_allowed(q: torch.Tensor) -> None:
         )
 
 
+def _triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: run our Triton kernels on CPU tensors in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,7 +136,9 @@ def chunk_gated_delta_rule(
             the state resets at every boundary. Without it ``N == B``.
         use_qk_l2norm_in_kernel: L2-normalise q and k per head inside the op.
         backend: ``"auto"``, ``"torch"`` (chunked PyTorch), ``"naive"`` (float64 reference),
-            ``"triton"`` (ours, not yet available) or ``"fla"`` (flash-linear-attention).
+            ``"triton"`` (ours: :mod:`.triton_chunk`; CUDA, or CPU with ``TRITON_INTERPRET=1``)
+            or ``"fla"`` (flash-linear-attention). ``"auto"`` picks ``"triton"`` on CUDA (and on
+            CPU under ``TRITON_INTERPRET=1``) when ``16 <= K, V <= 256``, else ``"torch"``.
 
     Returns:
         ``(o [B, T, H, V] in q.dtype, final_state or None)``.
@@ -139,8 +147,10 @@ def chunk_gated_delta_rule(
         raise ValueError(f"unknown GDN backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if backend == "auto":
-        # becomes our Triton kernels on CUDA once they exist
-        backend = "torch"
+        # ours on CUDA (and on CPU under Triton's interpreter, as CI tests it), else chunked torch
+        K, V = q.shape[-1], v.shape[-1]
+        fits = 16 <= K <= 256 and 16 <= V <= 256
+        backend = "triton" if fits and (q.is_cuda or _triton_interpreting()) else "torch"
 
     kwargs = dict(
         scale=scale,
@@ -154,9 +164,15 @@ def chunk_gated_delta_rule(
     if backend == "naive":
         return naive_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     if backend == "triton":
-        raise NotImplementedError(
-            "our Triton GDN kernels land with the kernels issue; use backend='torch'"
-        )
+        if not q.is_cuda and not _triton_interpreting():
+            raise NotImplementedError(
+                f"backend='triton' needs CUDA tensors (got device {q.device}), or "
+                "TRITON_INTERPRET=1 to run its kernels in Triton's (slow) CPU interpreter; "
+                "use backend='torch' on CPU"
+            )
+        from .triton_chunk import chunk_gated_delta_rule_triton
+
+        return chunk_gated_delta_rule_triton(q, k, v, g, beta, **kwargs)
     # backend == "fla"
     _check_fla_allowed(q)
     try:

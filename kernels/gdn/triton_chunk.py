@@ -76,36 +76,40 @@ def _dot_mode(dtype: torch.dtype) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-# Reductions and scans go through tl.reduce / tl.associative_scan with our own combine function
-# rather than tl.sum / tl.cumsum, and tl.full rather than tl.zeros: those are @triton.jit functions of triton.language itself,
-# decorated once when triton is imported, so a module copy built for the interpreter later in
-# the process (see _module_in_mode) could not call them.
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
+# Sums and scans call tl.reduce / tl.associative_scan with triton's own sum combiner rather than
+# tl.sum / tl.cumsum, and zeros come from tl.full rather than tl.zeros: those three are
+# @triton.jit functions of triton.language, decorated once when triton is imported, which a
+# module copy built for the interpreter later in the process (see _module_in_mode) cannot call.
+# The interpreter recognises the sum combiner and reduces with numpy.
 
 
 @triton.jit
 def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, _add)
+    return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
 @triton.jit
 def _cumsum(x, axis: tl.constexpr, reverse: tl.constexpr = False):
-    return tl.associative_scan(x, axis, _add, reverse=reverse)
+    return tl.associative_scan(x, axis, tl.standard._sum_combine, reverse=reverse)
+
+
+# Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): there, round the
+# operands to bfloat16 and multiply in float32, which is what the tensor cores compute.
+_BF16_DOT_IN_F32: tl.constexpr = tl.constexpr(_INTERPRETED)
 
 
 @triton.jit
 def _dot(a, b, LOWP: tl.constexpr):
     """a @ b with float32 accumulation; operands in the 16-bit input dtype when LOWP."""
     if LOWP == 1:
+        if _BF16_DOT_IN_F32:
+            a16 = a.to(tl.bfloat16).to(tl.float32)
+            return tl.dot(a16, b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif LOWP == 2:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -176,16 +180,35 @@ def _decay_CC(G_C, C: tl.constexpr, STRICT: tl.constexpr):
 
 @triton.jit
 def _unit_lower_inverse(A_CC, C: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular A, by forward substitution one row at a time:
-    X[i, :] = e_i - sum_{j < i} A[i, j] X[j, :]."""
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A (C = 64), in float32.
+
+    1. The four 16 x 16 diagonal blocks: forward substitution, all blocks at once on a
+       [4, 16, 16] tensor, X[i, :] = e_i - sum_{j < i} A[i, j] X[j, :] (15 steps).
+    2. With Ad the block-diagonal part, Ao = A - Ad and N = (I + Ad)^-1 Ao (strictly block-lower,
+       so N^4 = 0): I + A = (I + Ad)(I + N), hence (I + A)^-1 = (I - N)(I + N^2)(I + Ad)^-1.
+    """
+    NB: tl.constexpr = C // 16
+    b_B = tl.arange(0, NB)
+    r_16 = tl.arange(0, 16)
+    same_4 = b_B[:, None, None, None] == b_B[None, None, :, None]  # [NB, 1, NB, 1] block b == c
+    # A4[b, i, c, j] = A[16 b + i, 16 c + j]; Ad3[b] = diagonal block b
+    A4 = tl.reshape(A_CC, [NB, 16, NB, 16])
+    Ad3 = _sum(tl.where(same_4, A4, 0.0), axis=2)
+    row_3 = r_16[None, :, None]
+    X3 = tl.where(row_3 == r_16[None, None, :], 1.0, 0.0) + tl.full([NB, 16, 16], 0.0, tl.float32)
+    for i in range(1, 16):
+        a_B16 = _sum(tl.where(row_3 == i, Ad3, 0.0), axis=1)  # row i of each block
+        s_B16 = _sum(a_B16[:, :, None] * X3, axis=1)  # sum_j A[i, j] X[j, :]
+        X3 = X3 - tl.where(row_3 == i, s_B16[:, None, :], 0.0)
+    Inv_d = tl.reshape(tl.where(same_4, X3[:, :, None, :], 0.0), [C, C])  # block-diagonal
     r_C = tl.arange(0, C)
-    X_CC = tl.where(r_C[:, None] == r_C[None, :], 1.0, 0.0)
-    for i in range(1, C):
-        row_i = r_C[:, None] == i
-        a_C = _sum(tl.where(row_i, A_CC, 0.0), axis=0)  # A[i, :], indexed by column j
-        s_C = _sum(a_C[:, None] * X_CC, axis=0)  # sum_j A[i, j] X[j, :]
-        X_CC = X_CC - tl.where(row_i, s_C[None, :], 0.0)
-    return X_CC
+    block_lower = (r_C[:, None] // 16) > (r_C[None, :] // 16)
+    N_CC = tl.dot(Inv_d, tl.where(block_lower, A_CC, 0.0), input_precision="ieee")
+    N2_CC = tl.dot(N_CC, N_CC, input_precision="ieee")
+    eye = tl.where(r_C[:, None] == r_C[None, :], 1.0, 0.0)
+    P_CC = eye - N_CC
+    P_CC = P_CC + tl.dot(P_CC, N2_CC, input_precision="ieee")  # (I - N)(I + N^2)
+    return tl.dot(P_CC, Inv_d, input_precision="ieee")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,19 +245,19 @@ def _fwd_prep_kernel(
     A_CC = b_C[:, None] * KK_CC * _decay_CC(G_C, C, True)
     Tinv_CC = _unit_lower_inverse(A_CC, C)
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
-    tl.store(T_ptrs, Tinv_CC, mask=T_mask)
+    tl.store(T_ptrs, Tinv_CC.to(T_ptrs.dtype.element_ty), mask=T_mask)
 
     bGam_C = b_C * tl.exp(G_C)
     for k0 in range(0, K, BK):
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         w_CK = _dot(Tinv_CC, k_CK * bGam_C[:, None], LOWP)
         w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, k0, H, K, C, BK)
-        tl.store(w_ptrs, w_CK, mask=w_mask)
+        tl.store(w_ptrs, w_CK.to(w_ptrs.dtype.element_ty), mask=w_mask)
     for v0 in range(0, V, BV):
         v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
         U_CV = _dot(Tinv_CC, v_CV * b_C[:, None], LOWP)
         U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-        tl.store(U_ptrs, U_CV, mask=U_mask)
+        tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
 
 
 @triton.jit
@@ -264,13 +287,13 @@ def _fwd_state_kernel(
         tok0 = tl.load(chunk_tok0_ptr + c)
         n = tl.load(chunk_len_ptr + c)
         st_ptrs, _ = _state_ptrs(states_ptr, c, h, 0, v0, H, K, V, KP, BV)
-        tl.store(st_ptrs, S_KV, mask=S_mask)
+        tl.store(st_ptrs, S_KV.to(st_ptrs.dtype.element_ty), mask=S_mask)
 
         w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
         w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
         u_ptrs, u_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-        u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0) - _dot(w_CK, S_KV, LOWP)
-        tl.store(u_ptrs, u_CV, mask=u_mask)
+        u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32) - _dot(w_CK, S_KV, LOWP)
+        tl.store(u_ptrs, u_CV.to(u_ptrs.dtype.element_ty), mask=u_mask)
 
         G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
         G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
@@ -345,7 +368,7 @@ def _bwd_state_kernel(
         tok0 = tl.load(chunk_tok0_ptr + c)
         n = tl.load(chunk_len_ptr + c)
         dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
-        tl.store(dst_ptrs, dS_KV, mask=S_mask)
+        tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
 
         G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
         G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
@@ -356,7 +379,7 @@ def _bwd_state_kernel(
         kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
         du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
         du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
-        tl.store(du_ptrs, du_CV, mask=du_mask)
+        tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
 
         w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
         w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
@@ -418,7 +441,7 @@ def _bwd_chunk_kernel(
         du_ptrs, _ = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
         du_CV = tl.load(du_ptrs, mask=u_mask, other=0.0)
         dUp_CV = _dot(tl.trans(Tinv_CC), du_CV, LOWP)
-        tl.store(du_ptrs, dUp_CV, mask=u_mask)
+        tl.store(du_ptrs, dUp_CV.to(du_ptrs.dtype.element_ty), mask=u_mask)
         _store_tok(dv_ptr, dUp_CV * b_C[:, None], tok0, n, h, v0, H, V, C, BV)
         db_C += _sum(v_CV * dUp_CV, axis=1)
         dM_CC += _dot(do_CV, tl.trans(u_CV), LOWP)
@@ -449,9 +472,9 @@ def _bwd_chunk_kernel(
             dUp_ptrs, _ = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
             dUp_CV = tl.load(dUp_ptrs, mask=u_mask, other=0.0)
             S_ptrs, S_mask = _state_ptrs(states_ptr, c, h, k0, v0, H, K, V, BK, BV)
-            S_KV = tl.load(S_ptrs, mask=S_mask, other=0.0)
+            S_KV = tl.load(S_ptrs, mask=S_mask, other=0.0).to(tl.float32)
             dS_ptrs, _ = _state_ptrs(dstates_ptr, c, h, k0, v0, H, K, V, BK, BV)
-            dS_KV = tl.load(dS_ptrs, mask=S_mask, other=0.0)
+            dS_KV = tl.load(dS_ptrs, mask=S_mask, other=0.0).to(tl.float32)
             acc_q += _dot(do_CV, tl.trans(S_KV), LOWP)
             acc_u += _dot(u_CV, tl.trans(dS_KV), LOWP)
             acc_y += _dot(dUp_CV, tl.trans(S_KV), LOWP)
@@ -534,6 +557,13 @@ def _blocks(K: int, V: int) -> _Blocks:
     return _Blocks(KP=KP, BK=min(KP, 64), BV=min(VP, 64), BV_state=min(BV_state, VP))
 
 
+def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
+    """Intermediates (Tinv, W, u, per-chunk states and their gradients) are only ever matmul
+    operands, which LOWP casts to 16 bits anyway: store them in 16 bits then (half the memory
+    traffic), in float32 otherwise. G stays float32 and running states stay in registers."""
+    return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
+
+
 def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, LOWP: int):
     """Prep + state pass. Returns (G, Tinv, W, u, states, final_state)."""
     T, H, K = k.shape
@@ -541,11 +571,12 @@ def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, 
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
     dev = k.device
     f32 = torch.float32
+    idt = _buffer_dtype(k, LOWP)
     G = torch.empty(NC, H, C, device=dev, dtype=f32)
-    Tinv = torch.empty(NC, H, C, C, device=dev, dtype=f32)
-    W = torch.empty(NC, H, C, K, device=dev, dtype=f32)
-    u = torch.empty(NC, H, C, V, device=dev, dtype=f32)
-    states = torch.empty(NC, H, K, V, device=dev, dtype=f32)
+    Tinv = torch.empty(NC, H, C, C, device=dev, dtype=idt)
+    W = torch.empty(NC, H, C, K, device=dev, dtype=idt)
+    u = torch.empty(NC, H, C, V, device=dev, dtype=idt)
+    states = torch.empty(NC, H, K, V, device=dev, dtype=idt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=f32)
     if NC > 0:
         _fwd_prep_kernel[(NC, H)](
@@ -583,8 +614,9 @@ def _backward(q, k, v, g, beta, h0, scale, lay: _Layout, do, dht, LOWP: int):
     blk = _blocks(K, V)
     G, Tinv, W, u, states, _ = _recompute_forward(q, k, v, g, beta, h0, scale, lay, blk, LOWP)
     dev = q.device
-    dstates = torch.empty(NC, H, K, V, device=dev, dtype=torch.float32)
-    du = torch.empty(NC, H, C, V, device=dev, dtype=torch.float32)
+    idt = _buffer_dtype(q, LOWP)
+    dstates = torch.empty(NC, H, K, V, device=dev, dtype=idt)
+    du = torch.empty(NC, H, C, V, device=dev, dtype=idt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -629,7 +661,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` in float32 (torch ops; autograd gives its backward)."""
+    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` in float32 (torch ops: autograd does its backward)."""
     x = x.float()
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 

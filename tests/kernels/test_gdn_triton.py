@@ -1,0 +1,247 @@
+"""Our Triton GDN kernels (chunked forward + backward, decode step) vs the float64 reference.
+
+Runs on CPU through Triton's interpreter: the kernels run interpreted for CPU tensors whatever
+TRITON_INTERPRET was at import (see ``triton_chunk._module_in_mode``); the fixture below sets
+TRITON_INTERPRET=1 per test only for the api's ``backend="auto"`` dispatch, and leaves it unset
+for other test modules in the same process. Sizes are tiny: the interpreter is slow.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import kernels  # noqa: F401
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from kernels.gdn import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule  # noqa: E402
+from kernels.gdn.triton_chunk import chunk_gated_delta_rule_triton  # noqa: E402
+from kernels.gdn.triton_step import fused_recurrent_gated_delta_rule_step  # noqa: E402
+
+TOL = 2e-3  # relative L2 error bound, fp32 kernels vs float64 reference (observed ~1e-6)
+H = 2
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` (``||a||`` where the reference is exactly zero)."""
+    a, b = a.double(), b.double()
+    ref = b.norm()
+    return a.norm().item() if ref == 0 else ((a - b).norm() / ref).item()
+
+
+def make_inputs(T, K, V, *, batch=2, n_seqs=None, l2=False, h0=False, decay="realistic", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, T, H, K, generator=gen)
+    k = torch.randn(batch, T, H, K, generator=gen)
+    if not l2:
+        k = F.normalize(k, dim=-1)  # beta up to 2 is only stable for unit keys
+    v = torch.randn(batch, T, H, V, generator=gen)
+    beta = 2 * torch.sigmoid(torch.randn(batch, T, H, generator=gen))  # beta in (0, 2)
+    x = torch.randn(batch, T, H, generator=gen)
+    if decay == "realistic":  # g in roughly [-3, 0)
+        A = torch.empty(H).uniform_(1.0, 16.0, generator=gen)
+        dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1), generator=gen).exp()
+        g = -A * F.softplus(0.5 * x + torch.log(torch.expm1(dt)))
+    elif decay == "strong":  # g down to ~ -60: the state forgets within a few tokens
+        g = -torch.empty(H).uniform_(4.0, 16.0, generator=gen) * F.softplus(x + 1.0)
+    else:  # "weak": long memory across chunks
+        g = -1e-3 * F.softplus(x)
+    inputs = dict(q=q, k=k, v=v, g=g, beta=beta)
+    if h0:
+        inputs["initial_state"] = torch.randn(n_seqs or batch, H, K, V, generator=gen)
+    return inputs
+
+
+def run_with_grads(fn, inputs, dtype, seed=1, **kw):
+    """Forward + backward of ``<o, do> + <S, dS>``; returns (o, final_state, {name: grad})."""
+    leaves = {n: x.detach().to(dtype).requires_grad_(True) for n, x in inputs.items()}
+    o, state = fn(**leaves, output_final_state=True, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    ds = torch.randn(state.shape, generator=gen, dtype=torch.float64).to(state.dtype)
+    loss = (o * do).sum() + (state * ds).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return o.detach(), state.detach(), dict(zip(leaves, grads))
+
+
+def assert_matches_reference(inputs, **kw):
+    o_ref, s_ref, g_ref = run_with_grads(
+        naive_recurrent_gated_delta_rule, inputs, torch.float64, **kw
+    )
+    o, s, g = run_with_grads(chunk_gated_delta_rule_triton, inputs, torch.float32, **kw)
+    assert o.dtype == torch.float32 and s.dtype == torch.float32
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape
+    errs = {"o": rel_err(o, o_ref), "state": rel_err(s, s_ref)}
+    errs.update({f"d{n}": rel_err(g[n], g_ref[n]) for n in inputs})
+    bad = {n: e for n, e in errs.items() if not e < TOL}
+    assert not bad, f"relative errors above {TOL}: {bad} (all: {errs})"
+    return errs
+
+
+# ---- chunked forward + backward vs the float64 reference ----------------------------------
+
+CASES = [  # (T, K, V, initial state, in-kernel l2norm)
+    (1, 16, 32, True, True),
+    (37, 16, 32, False, False),
+    (64, 16, 32, True, False),
+    (130, 16, 32, False, True),
+    (1, 32, 16, False, False),
+    (37, 32, 16, True, True),
+    (64, 32, 16, False, True),
+    (130, 32, 16, True, False),
+    (37, 24, 24, True, False),
+    (130, 24, 24, True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "T,K,V,h0,l2", CASES, ids=[f"T{c[0]}-K{c[1]}V{c[2]}-h0{int(c[3])}-l2{int(c[4])}" for c in CASES]
+)
+def test_matches_reference(T, K, V, h0, l2):
+    inputs = make_inputs(T, K, V, l2=l2, h0=h0, seed=T + K)
+    assert_matches_reference(inputs, use_qk_l2norm_in_kernel=l2)
+
+
+@pytest.mark.parametrize("decay", ["strong", "weak"])
+def test_decay_regimes(decay):
+    inputs = make_inputs(100, 16, 32, h0=True, decay=decay, seed=7)
+    assert_matches_reference(inputs)
+
+
+PACKED = {"mixed": [1, 17, 64, 5], "with_empty": [3, 0, 70], "two_chunks": [128]}
+
+
+@pytest.mark.parametrize("lens", list(PACKED.values()), ids=list(PACKED))
+def test_packed_matches_reference(lens):
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inputs = make_inputs(sum(lens), 16, 32, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=11)
+    assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+
+
+def test_packed_without_initial_state():
+    lens = [1, 17, 64, 5]
+    cu = torch.tensor([0] + lens).cumsum(0)
+    inputs = make_inputs(sum(lens), 24, 24, batch=1, seed=12)
+    assert_matches_reference(inputs, cu_seqlens=cu, scale=0.3)
+
+
+def test_gradient_through_output_or_state_only():
+    inputs = make_inputs(70, 16, 32, h0=True, seed=13)
+    leaves = {n: x.clone().requires_grad_(True) for n, x in inputs.items()}
+    ref = {n: x.double().requires_grad_(True) for n, x in inputs.items()}
+    o, s = chunk_gated_delta_rule_triton(**leaves, output_final_state=True)
+    o_r, s_r = naive_recurrent_gated_delta_rule(**ref, output_final_state=True)
+    for out, out_r in ((o, o_r), (s, s_r)):  # each output alone: the other grad is None
+        kw = dict(retain_graph=True, allow_unused=True)  # q does not reach the final state
+        grads = torch.autograd.grad(out.square().sum(), list(leaves.values()), **kw)
+        grads_r = torch.autograd.grad(out_r.square().sum(), list(ref.values()), **kw)
+        for name, a, b in zip(leaves, grads, grads_r):
+            b = torch.zeros_like(leaves[name]) if b is None else b
+            assert rel_err(a, b) < TOL, name
+
+
+# ---- dtypes, determinism, api ----------------------------------------------------------------
+
+
+def test_bf16_inputs():
+    """bf16 path (16-bit matmul operands and buffers; emulated in the interpreter)."""
+    inputs = make_inputs(70, 32, 16, h0=True, seed=17)
+    low = {n: (x if n == "initial_state" else x.bfloat16()) for n, x in inputs.items()}
+    o, s = chunk_gated_delta_rule_triton(**low, output_final_state=True)
+    rounded = {n: x.float() for n, x in low.items()}
+    o_ref, s_ref = naive_recurrent_gated_delta_rule(**rounded, output_final_state=True)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    assert rel_err(o, o_ref) < 3e-2 and rel_err(s, s_ref) < 3e-2
+    leaves = {n: x.requires_grad_(True) for n, x in low.items()}
+    o, s = chunk_gated_delta_rule_triton(**leaves, output_final_state=True)
+    grads = torch.autograd.grad(o.float().sum() + s.sum(), list(leaves.values()))  # bf16 bwd
+    for name, grad in zip(leaves, grads):
+        assert grad.dtype == leaves[name].dtype and torch.isfinite(grad).all(), name
+
+
+def test_deterministic():
+    lens = [1, 17, 64, 50]
+    cu = torch.tensor([0] + lens).cumsum(0)
+    inputs = make_inputs(sum(lens), 16, 32, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=19)
+    kw = dict(cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    o1, s1, g1 = run_with_grads(chunk_gated_delta_rule_triton, inputs, torch.float32, **kw)
+    o2, s2, g2 = run_with_grads(chunk_gated_delta_rule_triton, inputs, torch.float32, **kw)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_api_dispatch(monkeypatch):
+    inputs = make_inputs(40, 16, 32, h0=True, seed=23)
+    o_t, s_t = chunk_gated_delta_rule_triton(**inputs, output_final_state=True)
+    for backend in ("auto", "triton"):  # TRITON_INTERPRET=1 (fixture): ours on CPU
+        o, s = chunk_gated_delta_rule(**inputs, output_final_state=True, backend=backend)
+        assert torch.equal(o, o_t) and torch.equal(s, s_t)
+    o_c, _ = chunk_gated_delta_rule(**inputs, backend="torch")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    o, _ = chunk_gated_delta_rule(**inputs, backend="auto")  # plain CPU: chunked torch
+    assert torch.equal(o, o_c)
+    with pytest.raises(NotImplementedError, match="TRITON_INTERPRET"):
+        chunk_gated_delta_rule(**inputs, backend="triton")
+
+
+def test_rejects_unsupported_head_dims():
+    inputs = make_inputs(8, 8, 32, seed=29)
+    with pytest.raises(ValueError, match="16 <= K, V <= 256"):
+        chunk_gated_delta_rule_triton(**inputs)
+    o, _ = chunk_gated_delta_rule(**inputs, backend="auto")  # auto falls back to torch
+    assert o.shape == (2, 8, H, 32)
+
+
+# ---- decode step ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("l2", [False, True], ids=["prenorm_k", "l2norm_in_kernel"])
+@pytest.mark.parametrize("K,V", [(16, 32), (24, 40)], ids=["K16V32", "K24V40"])
+def test_step_matches_reference(K, V, l2):
+    inputs = make_inputs(1, K, V, l2=l2, h0=True, seed=K + V)
+    state = inputs.pop("initial_state")
+    o, new_state = fused_recurrent_gated_delta_rule_step(
+        **inputs, state=state, use_qk_l2norm_in_kernel=l2
+    )
+    o_ref, s_ref = naive_recurrent_gated_delta_rule(
+        **inputs, initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=l2
+    )
+    assert o.shape == (2, 1, H, V) and new_state.shape == (2, H, K, V)
+    assert rel_err(o, o_ref) < 1e-5 and rel_err(new_state, s_ref) < 1e-5
+    # [B, H, *] inputs, in place
+    squeezed = {n: x[:, 0] for n, x in inputs.items()}
+    inplace = state.clone()
+    o3, s3 = fused_recurrent_gated_delta_rule_step(
+        **squeezed, state=inplace, use_qk_l2norm_in_kernel=l2, inplace=True
+    )
+    assert s3 is inplace and torch.equal(s3, new_state) and torch.equal(o3, o[:, 0])
+
+
+def test_step_chain_matches_chunked():
+    """Decoding token by token from a prefill's final state continues the chunked recurrence."""
+    inputs = make_inputs(70, 16, 32, h0=True, seed=31)
+    T_pre = 64
+    pre = {n: (x if n == "initial_state" else x[:, :T_pre]) for n, x in inputs.items()}
+    _, state = chunk_gated_delta_rule_triton(**pre, output_final_state=True)
+    outs = []
+    for t in range(T_pre, 70):
+        tok = {n: x[:, t : t + 1] for n, x in inputs.items() if n != "initial_state"}
+        o, state = fused_recurrent_gated_delta_rule_step(**tok, state=state)
+        outs.append(o)
+    o_ref, s_ref = naive_recurrent_gated_delta_rule(**inputs, output_final_state=True)
+    assert rel_err(torch.cat(outs, dim=1), o_ref[:, T_pre:]) < 1e-5
+    assert rel_err(state, s_ref) < 1e-5
