@@ -113,6 +113,16 @@ def _dot(a, b, LOWP: tl.constexpr):
 
 
 @triton.jit
+def _dot_f32(a, b, LOWP: tl.constexpr):
+    """float32 a @ b for the UT inverse: exact products ("ieee") on the float32 path, TF32
+    tensor cores (10-bit mantissa, still finer than the bf16 operands downstream) otherwise."""
+    if LOWP == 0:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
 def _tok_ptrs(ptr, tok0, n, h, d0, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
               BD: tl.constexpr):  # fmt: skip
     """Pointers and mask of a [C, BD] tile of a token-major [T, H, D] tensor."""
@@ -179,7 +189,7 @@ def _decay_CC(G_C, C: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A_CC, C: tl.constexpr):
+def _unit_lower_inverse(A_CC, C: tl.constexpr, LOWP: tl.constexpr):
     """(I + A)^-1 for a strictly lower-triangular [C, C] A (C = 64), in float32.
 
     1. The four 16 x 16 diagonal blocks: forward substitution, all blocks at once on a
@@ -203,12 +213,12 @@ def _unit_lower_inverse(A_CC, C: tl.constexpr):
     Inv_d = tl.reshape(tl.where(same_4, X3[:, :, None, :], 0.0), [C, C])  # block-diagonal
     r_C = tl.arange(0, C)
     block_lower = (r_C[:, None] // 16) > (r_C[None, :] // 16)
-    N_CC = tl.dot(Inv_d, tl.where(block_lower, A_CC, 0.0), input_precision="ieee")
-    N2_CC = tl.dot(N_CC, N_CC, input_precision="ieee")
+    N_CC = _dot_f32(Inv_d, tl.where(block_lower, A_CC, 0.0), LOWP)
+    N2_CC = _dot_f32(N_CC, N_CC, LOWP)
     eye = tl.where(r_C[:, None] == r_C[None, :], 1.0, 0.0)
     P_CC = eye - N_CC
-    P_CC = P_CC + tl.dot(P_CC, N2_CC, input_precision="ieee")  # (I - N)(I + N^2)
-    return tl.dot(P_CC, Inv_d, input_precision="ieee")
+    P_CC = P_CC + _dot_f32(P_CC, N2_CC, LOWP)  # (I - N)(I + N^2)
+    return _dot_f32(P_CC, Inv_d, LOWP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +253,7 @@ def _fwd_prep_kernel(
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         KK_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
     A_CC = b_C[:, None] * KK_CC * _decay_CC(G_C, C, True)
-    Tinv_CC = _unit_lower_inverse(A_CC, C)
+    Tinv_CC = _unit_lower_inverse(A_CC, C, LOWP)
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
     tl.store(T_ptrs, Tinv_CC.to(T_ptrs.dtype.element_ty), mask=T_mask)
 
@@ -581,7 +591,7 @@ def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, 
     if NC > 0:
         _fwd_prep_kernel[(NC, H)](
             k, v, g, beta, G, Tinv, W, u, lay.chunk_tok0, lay.chunk_len,
-            H=H, K=K, V=V, C=C, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=4,
+            H=H, K=K, V=V, C=C, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=8,
         )  # fmt: skip
     if N > 0:
         _fwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
@@ -602,7 +612,7 @@ def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, out_dtype, LOWP: int):
     if lay.n_chunks > 0:
         _fwd_output_kernel[(triton.cdiv(V, blk.BV), lay.n_chunks, H)](
             q, k, G, u, states, o, lay.chunk_tok0, lay.chunk_len, scale,
-            H=H, K=K, V=V, C=CHUNK, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=4,
+            H=H, K=K, V=V, C=CHUNK, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=8,
         )  # fmt: skip
     return o, ht
 
@@ -626,7 +636,7 @@ def _backward(q, k, v, g, beta, h0, scale, lay: _Layout, do, dht, LOWP: int):
             q, k, G, W, do, dht if dht is not None else dh0, dstates, du, dh0,
             lay.chunk_tok0, lay.chunk_len, lay.seq_chunk0, lay.seq_nchunks, scale,
             H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_DHT=dht is not None, LOWP=LOWP,
-            num_warps=4,
+            num_warps=8,
         )  # fmt: skip
     if NC > 0:
         _bwd_chunk_kernel[(NC, H)](

@@ -1,0 +1,225 @@
+"""Benchmark our Triton Gated DeltaNet kernels against fla and (for context) causal attention.
+
+Prints a table and writes JSON (``--out``). Timings are ``triton.testing.do_bench`` medians in
+milliseconds, bf16 inputs, in-kernel q/k L2 norm, no initial state:
+
+* ``ours``: :func:`kernels.gdn.triton_chunk.chunk_gated_delta_rule_triton`
+* ``fla (guard bypassed, timing only)``: fla's ``chunk_gated_delta_rule``. fla refuses its gated
+  backward on Hopper with Triton < 3.7.1 (its dg/dbeta are wrong there, fla issue #640); the
+  guard is switched off *for timing only* (``fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True``).
+* ``sdpa causal (context)``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
+  (flash backend), same batch, tokens and heads, head dim 128.
+
+Also reports the bf16 forward error of ours and fla against a float32 reference (our chunked
+PyTorch implementation) at one shape, and (``--breakdown``) our per-kernel CUDA times.
+
+    python benchmarks/gdn_kernels.py --out gdn_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import kernels  # noqa: F401
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.gdn.chunk_torch import chunk_gated_delta_rule_torch  # noqa: E402
+from kernels.gdn.triton_chunk import chunk_gated_delta_rule_triton  # noqa: E402
+
+SHAPES = [  # (B, T, H, K, V)
+    (4, 8192, 30, 96, 192),
+    (1, 32768, 30, 96, 192),
+    (1, 32768, 32, 128, 128),
+]
+FLA_LABEL = "fla (guard bypassed, timing only)"
+
+
+def make_inputs(B, T, H, K, V, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda")
+
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    beta = torch.sigmoid(randn(B, T, H))
+    A = torch.linspace(1.0, 16.0, H, device="cuda")
+    g = -A * F.softplus(0.5 * randn(B, T, H) - 4.0)  # Olmo-like decays, g in roughly [-3, 0)
+    return dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), g=g, beta=beta.to(dtype))
+
+
+def load_fla():
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn
+    except ImportError as e:
+        print(f"fla not available ({e}); skipping its rows", flush=True)
+        return None
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True  # bypass the Hopper backward guard: timing only
+    return fla_gdn
+
+
+def gdn_fn(impl):
+    def fn(inputs):
+        o, _ = impl(**inputs, use_qk_l2norm_in_kernel=True)
+        return o
+
+    return fn
+
+
+def sdpa_fn(inputs):
+    return F.scaled_dot_product_attention(*inputs, is_causal=True)
+
+
+def bench(fn, inputs, leaves, backward: bool) -> float:
+    import triton
+
+    if not backward:
+        with torch.no_grad():
+            return triton.testing.do_bench(
+                lambda: fn(inputs), warmup=25, rep=100, return_mode="median"
+            )
+    out = fn(inputs)
+    grad = torch.randn_like(out)
+
+    def step():
+        fn(inputs).backward(grad)
+
+    return triton.testing.do_bench(
+        step, warmup=25, rep=100, grad_to_none=leaves, return_mode="median"
+    )
+
+
+def bf16_forward_errors(fla_gdn, shape) -> dict:
+    """Forward error of bf16 runs against the float32 chunked PyTorch reference."""
+    x32 = make_inputs(*shape, dtype=torch.float32, seed=1)
+    x16 = {n: (t if n == "g" else t.to(torch.bfloat16)) for n, t in x32.items()}
+    with torch.no_grad():
+        ref, _ = chunk_gated_delta_rule_torch(**x32, use_qk_l2norm_in_kernel=True)
+        out = {"ours": chunk_gated_delta_rule_triton(**x16, use_qk_l2norm_in_kernel=True)[0]}
+        if fla_gdn is not None:
+            out[FLA_LABEL] = fla_gdn(**x16, use_qk_l2norm_in_kernel=True)[0]
+    res = {}
+    for name, o in out.items():
+        d = (o.float() - ref).abs()
+        res[name] = {
+            "max_abs_err_over_max_abs_ref": (d.max() / ref.abs().max()).item(),
+            "rel_l2_err": ((o.float() - ref).norm() / ref.norm()).item(),
+        }
+    return {"shape": shape, "reference": "chunk_torch float32", "errors": res}
+
+
+def kernel_breakdown(shape) -> dict:
+    """Per-kernel CUDA time (ms) of one fwd+bwd of ours, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make_inputs(*shape)
+    leaves = [t.requires_grad_(True) for t in x.values()]
+    fn = gdn_fn(chunk_gated_delta_rule_triton)
+    for _ in range(2):
+        fn(x).backward(torch.ones_like(fn(x)))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn(x)
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+    del leaves
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if t > 0:
+            times[evt.key] = times.get(evt.key, 0.0) + t / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours")
+    ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
+    args = ap.parse_args()
+
+    import triton
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    fla_gdn = None if args.no_fla else load_fla()
+    impls = {"ours": gdn_fn(chunk_gated_delta_rule_triton)}
+    if fla_gdn is not None:
+        impls[FLA_LABEL] = gdn_fn(fla_gdn)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, ms",
+        "rows": [],
+    }
+
+    def flush():
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+    print(f"{'impl':38s} {'B':>2s} {'T':>6s} {'H':>3s} {'K':>4s} {'V':>4s} {'fwd ms':>8s} "
+          f"{'fwd+bwd ms':>11s} {'Mtok/s f+b':>10s}", flush=True)  # fmt: skip
+    for B, T, H, K, V in shapes:
+        for name, fn in impls.items():
+            x = make_inputs(B, T, H, K, V)
+            leaves = [t.requires_grad_(True) for t in x.values()]
+            t0 = time.time()
+            fn(x).sum().backward()  # compile / autotune outside the timing
+            warm_s = time.time() - t0
+            fwd = bench(fn, x, leaves, backward=False)
+            fwdbwd = bench(fn, x, leaves, backward=True)
+            del x, leaves
+            row = dict(impl=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=fwd, fwd_bwd_ms=fwdbwd,
+                       first_call_s=warm_s)  # fmt: skip
+            result["rows"].append(row)
+            flush()
+            print(f"{name:38s} {B:2d} {T:6d} {H:3d} {K:4d} {V:4d} {fwd:8.2f} {fwdbwd:11.2f} "
+                  f"{B * T / fwdbwd / 1e3:10.2f}", flush=True)  # fmt: skip
+        D = 128
+        qkv = [
+            torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        ]
+        fwd = bench(sdpa_fn, qkv, qkv, backward=False)
+        fwdbwd = bench(sdpa_fn, qkv, qkv, backward=True)
+        name = "sdpa causal (context, head dim 128)"
+        result["rows"].append(dict(impl=name, B=B, T=T, H=H, K=D, V=D, fwd_ms=fwd,
+                                   fwd_bwd_ms=fwdbwd))  # fmt: skip
+        flush()
+        print(f"{name:38s} {B:2d} {T:6d} {H:3d} {D:4d} {D:4d} {fwd:8.2f} {fwdbwd:11.2f} "
+              f"{B * T / fwdbwd / 1e3:10.2f}", flush=True)  # fmt: skip
+        del qkv
+        torch.cuda.empty_cache()
+
+    err_shape = (1, 8192, 30, 96, 192)
+    result["bf16_forward_error"] = bf16_forward_errors(fla_gdn, err_shape)
+    flush()
+    print(f"\nbf16 forward error vs float32 chunk_torch at {err_shape}:")
+    for name, e in result["bf16_forward_error"]["errors"].items():
+        print(f"  {name:38s} max|err|/max|ref| = {e['max_abs_err_over_max_abs_ref']:.2e}   "
+              f"rel L2 = {e['rel_l2_err']:.2e}")  # fmt: skip
+
+    if args.breakdown:
+        for shape in shapes[:2]:
+            bd = kernel_breakdown(shape)
+            result.setdefault("breakdown_ms", {})[str(shape)] = bd
+            flush()
+            print(f"\nper-kernel CUDA ms, one fwd+bwd of ours at {shape}:")
+            for k, t in list(bd.items())[:14]:
+                print(f"  {t:8.3f}  {k[:90]}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
