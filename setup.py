@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "pyyaml>=6",
     "tqdm>=4.66",
+    "tensorboard>=2.17",  # --tensorboard-dir (torch.utils.tensorboard)
 ]
 
 EXTRAS = {

@@ -49,3 +49,38 @@ def hf_config_variant(tmp_path: Path, name: str = "cfg", **changes) -> Path:
 @pytest.fixture
 def make_hf_config(tmp_path):
     return lambda name="cfg", **changes: hf_config_variant(tmp_path, name, **changes)
+
+
+LOSS_RE = r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([0-9.E+-]+|NAN|INF) \|.*?grad norm: ([0-9.a-z]+) \|"
+
+
+def train_cmd(*extra: str) -> list[str]:
+    return ["-m", "megatron_hybrid.train", *extra]
+
+
+TINY_MOCK = [
+    "--preset",
+    "tiny",
+    "--mock-data",
+    "--seq-length",
+    "64",
+    "--global-batch-size",
+    "4",
+    "--micro-batch-size",
+    "1",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--deterministic",
+]
+
+
+def parse_losses(stdout: str) -> dict[int, tuple[float, float]]:
+    """iteration -> (lm loss, grad norm) from Megatron iteration lines."""
+    import re
+
+    out = {}
+    for m in re.finditer(LOSS_RE, stdout):
+        out[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    return out

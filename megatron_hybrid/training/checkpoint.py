@@ -31,6 +31,12 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _crash_in_save() -> set[int]:
+    from megatron_hybrid.training.loop import _fault_iterations
+
+    return _fault_iterations("crash_in_save")
+
+
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
@@ -46,10 +52,18 @@ def latest_iteration(root: str) -> int | None:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
+def unwrap(module):
+    """The HybridModel inside DDP / Float16Module wrappers (checkpoint keys carry no wrapper
+    prefixes, so conversion tools and other layouts see plain model names)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
 def _model_sharded_state_dict(chunks) -> dict:
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _rng_state() -> dict:
@@ -99,6 +113,12 @@ def save_checkpoint(
         sharded_state_dict=sd, checkpoint_dir=tmp, content_metadata=OPTIM_META
     )
     dist.barrier()
+    if iteration in _crash_in_save():
+        # Test hook: a hard crash after the shards are written, before the rename. The whole
+        # process group goes (megatron's checkpoint writer processes included).
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)
     if rank == 0:
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(run_dict, f, indent=2, default=str)
@@ -147,10 +167,10 @@ def load_checkpoint(
     except Exception as e:
         raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
     if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"])
+        unwrap(chunks[0]).load_state_dict(state["model"])
     else:
         for i, c in enumerate(chunks):
-            c.load_state_dict(state[f"model{i}"])
+            unwrap(c).load_state_dict(state[f"model{i}"])
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

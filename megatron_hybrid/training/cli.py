@@ -31,6 +31,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--seq-length": ("data.seq_length", int),
     "--max-position-embeddings": ("model.max_position_embeddings", int),
     "--train-iters": ("train.train_iters", int),
+    "--exit-interval": ("train.exit_interval", int),
     "--lr": ("optim.lr", float),
     "--min-lr": ("optim.min_lr", float),
     "--lr-warmup-iters": ("optim.warmup_iters", int),
@@ -182,8 +183,8 @@ def parse(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     args, unknown = parser.parse_known_args(argv)
     overrides = list(args.overrides)
     for u in unknown:
-        if u.startswith("--") and "=" in u and "." in u.split("=")[0]:
-            overrides.append(u[2:])
+        if "=" in u and "." in u.split("=")[0]:
+            overrides.append(u.removeprefix("--"))
         else:
             parser.error(f"unrecognized argument {u!r}")
     yaml_data = {}

@@ -90,6 +90,9 @@ class TrainConfig:
     """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills in)."""
     train_iters: int = 100
     """Optimizer steps to run (total, across resumes)."""
+    exit_interval: int | None = None
+    """Stop (after saving, if ``save`` is set) when the iteration is a multiple of this; the LR
+    schedule still spans ``train_iters`` (Megatron's --exit-interval)."""
     seed: int = 1234
     """Seeds model init, data order and dropout."""
     deterministic: bool = False

@@ -33,6 +33,17 @@ from megatron_hybrid.training.model_setup import (
 )
 
 
+def _fault_iterations(kind: str) -> set[int]:
+    """Test hook: ``MEGATRON_HYBRID_FAULT="nan_loss:3,4;crash_in_save:6"`` injects failures at
+    those iterations (used by the test suite to prove NaN skipping and crash-safe saves)."""
+    spec = os.environ.get("MEGATRON_HYBRID_FAULT", "")
+    for part in spec.split(";"):
+        name, _, its = part.partition(":")
+        if name.strip() == kind and its:
+            return {int(x) for x in its.split(",") if x.strip()}
+    return set()
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many consecutive NaN steps); message says why."""
 
@@ -57,6 +68,8 @@ class Trainer:
     def __init__(self, run, log=print):
         self.run, self.log = run, log
         self.stop_signal = None
+        self._nan_faults = _fault_iterations("nan_loss")
+        self._kill_faults = _fault_iterations("sigkill_at")
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self):
@@ -157,6 +170,9 @@ class Trainer:
             )
             mask = loss_mask.t()
             loss = ((ce + z_coeff * z) * mask).sum()
+            if self.iteration + 1 in self._nan_faults:
+                loss = loss * float("nan")
+                ce = ce * float("nan")
             n_tok = mask.sum().to(torch.int)
             report = torch.stack(
                 [(ce.detach() * mask).sum(), (z.detach() * mask).sum(), mask.sum()]
@@ -294,6 +310,8 @@ class Trainer:
                         **({"mfu": mfu} if mfu is not None else {}),
                     },
                 )
+            if self.iteration in self._kill_faults and self.rank == 0:
+                os.killpg(os.getpgid(0), signal.SIGKILL)  # test hook: hard crash, no cleanup
             if self.nan_consecutive >= t.max_consecutive_nan:
                 raise TrainingStopped(
                     f"stopping: {self.nan_consecutive} consecutive iterations with NaN/inf loss or "
@@ -309,6 +327,14 @@ class Trainer:
                 self.sinks.log(self.iteration, {"lm loss validation": val})
             if t.save and t.save_interval and self.iteration % t.save_interval == 0:
                 self.save()
+            if t.exit_interval and self.iteration % t.exit_interval == 0:
+                if t.save and not (t.save_interval and self.iteration % t.save_interval == 0):
+                    self.save()
+                self.log(
+                    f"exiting at iteration {self.iteration} (--exit-interval {t.exit_interval})"
+                )
+                self.sinks.close()
+                return self.iteration
             if self._should_stop_on_signal():
                 if t.save:
                     self.save()
