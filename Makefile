@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-gpu lint format clean
+.PHONY: venv test test-gpu lint format clean demo
 
 $(STAMP): setup.py constraints.txt scripts/find_python.sh
 	@if [ -x "$(PY)" ] && ! "$(PY)" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
@@ -35,3 +35,7 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# The embedded default: a tiny Olmo-Hybrid trained on this machine's Python stdlib sources.
+demo: $(STAMP)
+	TORCHDYNAMO_DISABLE=1 $(PY) -m megatron_hybrid.demo

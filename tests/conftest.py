@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_HF_CONFIG = ROOT / "tests" / "data" / "tiny_hf_config.json"
+TINY_HF_CONFIG = ROOT / "tests" / "fixtures" / "tiny_hf_config.json"
 
 
 def free_port() -> int:

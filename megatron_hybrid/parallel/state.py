@@ -44,9 +44,20 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> N
     cpu = not torch.cuda.is_available()
     if cpu:
         install_cpu_shim()
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Oversubscribed OpenMP spin-waits make CPU runs 10x slower: share the cores
+            # between the ranks on this machine.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            # A plain single-process run: any free port (several may run on one machine).
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         rank = int(os.environ.setdefault("RANK", "0"))
         world = int(os.environ.setdefault("WORLD_SIZE", "1"))
         if not cpu:
