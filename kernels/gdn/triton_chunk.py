@@ -96,6 +96,7 @@ def _cumsum(x, axis: tl.constexpr, reverse: tl.constexpr = False):
 # Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): there, round the
 # operands to bfloat16 and multiply in float32, which is what the tensor cores compute.
 _BF16_DOT_IN_F32: tl.constexpr = tl.constexpr(_INTERPRETED)
+_INTERP: tl.constexpr = tl.constexpr(_INTERPRETED)
 
 
 @triton.jit
@@ -271,10 +272,34 @@ def _fwd_prep_kernel(
 
 
 @triton.jit
+def _fwd_state_chunk(
+    S_KV, c, tok0, n, h, v0, k_ptr, G_ptr, W_ptr, U_ptr, states_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """One chunk of the forward state pass: store S, u = U - W S, return the next S."""
+    S_mask = (tl.arange(0, KP)[:, None] < K) & (v0 + tl.arange(0, BV)[None, :] < V)
+    st_ptrs, _ = _state_ptrs(states_ptr, c, h, 0, v0, H, K, V, KP, BV)
+    tl.store(st_ptrs, S_KV.to(st_ptrs.dtype.element_ty), mask=S_mask)
+
+    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+    w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    u_ptrs, u_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+    u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32) - _dot(w_CK, S_KV, LOWP)
+    tl.store(u_ptrs, u_CV.to(u_ptrs.dtype.element_ty), mask=u_mask)
+
+    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
+    G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
+    k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
+    kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+    return S_KV * tl.exp(G_last) + _dot(tl.trans(kdec_CK), u_CV, LOWP)
+
+
+@triton.jit
 def _fwd_state_kernel(
     k_ptr, G_ptr, W_ptr, U_ptr,  # U is overwritten by u = U - W S
     h0_ptr, states_ptr, ht_ptr,
-    chunk_tok0_ptr, chunk_len_ptr, seq_chunk0_ptr, seq_nchunks_ptr,
+    seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     KP: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
@@ -285,32 +310,28 @@ def _fwd_state_kernel(
     h = tl.program_id(1) % H
     c0 = tl.load(seq_chunk0_ptr + s)
     nc = tl.load(seq_nchunks_ptr + s)
-    t_C = tl.arange(0, C)
+    bos = tl.load(seq_tok0_ptr + s)
+    L = tl.load(seq_len_ptr + s)
 
     S_ptrs0, S_mask = _state_ptrs(h0_ptr, s, h, 0, v0, H, K, V, KP, BV)
     if HAS_H0:
         S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         S_KV = tl.full([KP, BV], 0.0, tl.float32)
-    c = c0
-    while c < c0 + nc:  # (a while loop: the interpreter cannot range() over a loaded bound)
-        tok0 = tl.load(chunk_tok0_ptr + c)
-        n = tl.load(chunk_len_ptr + c)
-        st_ptrs, _ = _state_ptrs(states_ptr, c, h, 0, v0, H, K, V, KP, BV)
-        tl.store(st_ptrs, S_KV.to(st_ptrs.dtype.element_ty), mask=S_mask)
-
-        w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
-        w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        u_ptrs, u_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-        u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32) - _dot(w_CK, S_KV, LOWP)
-        tl.store(u_ptrs, u_CV.to(u_ptrs.dtype.element_ty), mask=u_mask)
-
-        G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
-        G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
-        k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
-        kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
-        S_KV = S_KV * tl.exp(G_last) + _dot(tl.trans(kdec_CK), u_CV, LOWP)
-        c += 1
+    if _INTERP:  # the interpreter cannot range() over a loaded bound
+        i = nc * 0
+        while i < nc:
+            S_KV = _fwd_state_chunk(
+                S_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
+                k_ptr, G_ptr, W_ptr, U_ptr, states_ptr, H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
+            i += 1
+    else:  # a for loop, which Triton software-pipelines (loads of the next chunks in flight)
+        for i in range(nc):
+            S_KV = _fwd_state_chunk(
+                S_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
+                k_ptr, G_ptr, W_ptr, U_ptr, states_ptr, H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
     ht_ptrs, _ = _state_ptrs(ht_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(ht_ptrs, S_KV, mask=S_mask)
 
@@ -352,10 +373,42 @@ def _fwd_output_kernel(
 
 
 @triton.jit
+def _bwd_state_chunk(
+    dS_KV, c, tok0, n, h, v0, q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """One chunk of the reverse state pass: store dS', du; return dS of the entering state."""
+    S_mask = (tl.arange(0, KP)[:, None] < K) & (v0 + tl.arange(0, BV)[None, :] < V)
+    dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
+    tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
+
+    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
+    G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
+    q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP) * scale
+    k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
+    do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
+    M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
+    kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+    du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
+    du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+    tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
+
+    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+    w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    qdec_CK = q_CK * tl.exp(G_C)[:, None]
+    return (
+        dS_KV * tl.exp(G_last)
+        + _dot(tl.trans(qdec_CK), do_CV, LOWP)
+        - _dot(tl.trans(w_CK), du_CV, LOWP)
+    )
+
+
+@triton.jit
 def _bwd_state_kernel(
     q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dht_ptr,
     dstates_ptr, du_ptr, dh0_ptr,
-    chunk_tok0_ptr, chunk_len_ptr, seq_chunk0_ptr, seq_nchunks_ptr, scale,
+    seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
@@ -366,40 +419,31 @@ def _bwd_state_kernel(
     h = tl.program_id(1) % H
     c0 = tl.load(seq_chunk0_ptr + s)
     nc = tl.load(seq_nchunks_ptr + s)
-    t_C = tl.arange(0, C)
+    bos = tl.load(seq_tok0_ptr + s)
+    L = tl.load(seq_len_ptr + s)
 
     dS_ptrs0, S_mask = _state_ptrs(dht_ptr, s, h, 0, v0, H, K, V, KP, BV)
     if HAS_DHT:
         dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         dS_KV = tl.full([KP, BV], 0.0, tl.float32)
-    c = c0 + nc - 1
-    while c >= c0:
-        tok0 = tl.load(chunk_tok0_ptr + c)
-        n = tl.load(chunk_len_ptr + c)
-        dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
-        tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
-
-        G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
-        G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
-        q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP) * scale
-        k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
-        do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
-        M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
-        kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
-        du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
-        du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
-        tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
-
-        w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
-        w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
-        qdec_CK = q_CK * tl.exp(G_C)[:, None]
-        dS_KV = (
-            dS_KV * tl.exp(G_last)
-            + _dot(tl.trans(qdec_CK), do_CV, LOWP)
-            - _dot(tl.trans(w_CK), du_CV, LOWP)
-        )
-        c -= 1
+    if _INTERP:  # the interpreter cannot range() over a loaded bound
+        i = nc - 1
+        while i >= 0:
+            dS_KV = _bwd_state_chunk(
+                dS_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
+                q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
+                H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
+            i -= 1
+    else:
+        for j in range(nc):
+            i = nc - 1 - j
+            dS_KV = _bwd_state_chunk(
+                dS_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
+                q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
+                H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
     dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(dh0_ptrs, dS_KV, mask=S_mask)
 
@@ -530,6 +574,8 @@ class _Layout:
     chunk_len: torch.Tensor
     seq_chunk0: torch.Tensor
     seq_nchunks: torch.Tensor
+    seq_tok0: torch.Tensor
+    seq_len: torch.Tensor
     n_chunks: int
     n_seqs: int
 
@@ -542,10 +588,11 @@ def _make_layout(offsets: list[int], device: torch.device) -> _Layout:
             tok0.append(t)
             lens.append(min(CHUNK, end - t))
         seq_nchunks.append(len(tok0) - seq_chunk0[-1])
-    table = torch.tensor([tok0, lens], dtype=torch.int32).reshape(2, -1)
-    seqs = torch.tensor([seq_chunk0, seq_nchunks], dtype=torch.int32)
-    table, seqs = table.to(device), seqs.to(device)
-    return _Layout(table[0], table[1], seqs[0], seqs[1], len(tok0), len(seq_chunk0))
+    seq_lens = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
+    table = torch.tensor([tok0, lens], dtype=torch.int32).reshape(2, -1).to(device)
+    seqs = torch.tensor([seq_chunk0, seq_nchunks, offsets[:-1], seq_lens], dtype=torch.int32)
+    seqs = seqs.to(device)
+    return _Layout(*table, *seqs, n_chunks=len(tok0), n_seqs=len(seq_chunk0))
 
 
 def _pow2(x: int) -> int:
@@ -574,6 +621,12 @@ def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
     return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
 
 
+def _state_stages(LOWP: int) -> int:
+    """Software-pipelining depth of the state passes' chunk loop: float32 tiles would need more
+    shared memory than an SM has for 3 stages."""
+    return 3 if LOWP != _DOT_F32 else 1
+
+
 def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, LOWP: int):
     """Prep + state pass. Returns (G, Tinv, W, u, states, final_state)."""
     T, H, K = k.shape
@@ -596,9 +649,9 @@ def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, 
     if N > 0:
         _fwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
             k, G, W, u, h0 if h0 is not None else ht, states, ht,
-            lay.chunk_tok0, lay.chunk_len, lay.seq_chunk0, lay.seq_nchunks,
+            lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
             H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_H0=h0 is not None, LOWP=LOWP,
-            num_warps=4,
+            num_warps=4, num_stages=_state_stages(LOWP),
         )  # fmt: skip
     return G, Tinv, W, u, states, ht
 
@@ -634,9 +687,9 @@ def _backward(q, k, v, g, beta, h0, scale, lay: _Layout, do, dht, LOWP: int):
     if N > 0:
         _bwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
             q, k, G, W, do, dht if dht is not None else dh0, dstates, du, dh0,
-            lay.chunk_tok0, lay.chunk_len, lay.seq_chunk0, lay.seq_nchunks, scale,
+            lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len, scale,
             H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_DHT=dht is not None, LOWP=LOWP,
-            num_warps=8,
+            num_warps=8, num_stages=_state_stages(LOWP),
         )  # fmt: skip
     if NC > 0:
         _bwd_chunk_kernel[(NC, H)](

@@ -144,6 +144,7 @@ def test_gpu_api_auto_uses_triton():
     from kernels.gdn.triton_chunk import chunk_gated_delta_rule_triton
 
     inputs = make_inputs(1, 200, 4, 32, 64, seed=3)
+    inputs = {n: (x if n in ("g", "initial_state") else x.bfloat16()) for n, x in inputs.items()}
     o_a, s_a = chunk_gated_delta_rule(**inputs, output_final_state=True)
     o_t, s_t = chunk_gated_delta_rule_triton(**inputs, output_final_state=True)
     assert torch.equal(o_a, o_t) and torch.equal(s_a, s_t)
