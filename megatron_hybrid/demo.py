@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--train-iters", type=int, default=150)
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--global-batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: half the batch")
+    p.add_argument("--preset", default="tiny", help="model preset (GPU: e.g. olmo_hybrid_1b)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab", type=int, default=4096, help="tokenizer pieces")
     a = p.parse_args(argv)
 
     from megatron_hybrid.data.demo_corpus import build_stdlib_corpus
@@ -54,7 +58,7 @@ def main(argv=None) -> int:
     corpus = os.path.join(a.out, "stdlib.jsonl")
     info = build_stdlib_corpus(corpus)
     print(f"[demo] corpus: {info['documents']} files, {info['bytes'] / 1e6:.1f} MB from {info['root']}")
-    tok_model = train_sentencepiece([corpus], os.path.join(a.out, "tokenizer"), vocab_size=4096)
+    tok_model = train_sentencepiece([corpus], os.path.join(a.out, "tokenizer"), vocab_size=a.vocab)
     print(f"[demo] tokenizer: {tok_model}")
     summary = preprocess([corpus], os.path.join(a.out, "stdlib"), "SentencePieceTokenizer",
                          tok_model, workers=max(1, min(4, os.cpu_count() or 1)), append_eod=True,
@@ -69,11 +73,12 @@ def main(argv=None) -> int:
 
     ckpt = os.path.join(a.out, "ckpt")
     run, _ = parse([
-        "--preset", "tiny", "--data-path", prefix, "--split", "98,2,0",
+        "--preset", a.preset, "--data-path", prefix, "--split", "98,2,0",
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok_model,
         "--seq-length", str(a.seq_length), "--global-batch-size", str(a.global_batch_size),
-        "--micro-batch-size", str(a.global_batch_size // 2), "--train-iters", str(a.train_iters),
-        "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "10", "--log-interval", "10",
+        "--micro-batch-size", str(a.micro_batch_size or max(1, a.global_batch_size // 2)),
+        "--train-iters", str(a.train_iters), "--lr", str(a.lr), "--min-lr", str(a.lr / 10),
+        "--lr-warmup-iters", str(max(1, a.train_iters // 15)), "--log-interval", "10",
         "--eval-interval", str(a.train_iters), "--eval-iters", "2", "--save", ckpt,
         "--data-cache-path", os.path.join(a.out, "index_cache"),
     ])
