@@ -15,10 +15,12 @@ def main(argv=None) -> int:
     from megatron_hybrid.training.checkpoint import CheckpointError
     from megatron_hybrid.training.cli import parse
 
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     try:
         run, args = parse(argv)
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        world = args.world_size or int(
+            os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+        )
         if args.dry_run:
             from megatron_hybrid.training.report import describe
 

@@ -36,11 +36,42 @@ class ParallelLayout:
         return world_size // model
 
 
+def _env_from_slurm() -> None:
+    """Under ``srun`` (one task per GPU) without torchrun, derive torch.distributed's variables
+    from Slurm's. torchrun's own variables win when present."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault(
+        "LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+    )
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "")
+        if nodes:
+            import subprocess
+
+            try:
+                first = subprocess.run(
+                    ["scontrol", "show", "hostnames", nodes],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()[0]
+                os.environ["MASTER_ADDR"] = first
+            except (OSError, subprocess.CalledProcessError, IndexError):
+                pass
+    if "MASTER_PORT" not in os.environ and "SLURM_JOB_ID" in os.environ:
+        os.environ["MASTER_PORT"] = str(15000 + int(os.environ["SLURM_JOB_ID"]) % 40000)
+
+
 def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> None:
     """Initialise torch.distributed from the torchrun environment (or a 1-rank default).
 
     On CPU the megatron-core shim is installed first and the backend is gloo.
     """
+    _env_from_slurm()
     cpu = not torch.cuda.is_available()
     if cpu:
         install_cpu_shim()

@@ -75,7 +75,7 @@ class Trainer:
     def setup(self):
         run = self.run
         p = run.parallel
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         run.validate(world)
         tok, vocab, self.eod = resolve_vocab(run, p.tensor)
         self.tokenizer = tok
