@@ -91,6 +91,38 @@ def _rng_object(world: int, rank: int, data=None):
     return mcore.ShardedObject("rng_state", data, (world,), (rank,), replica_id=0)
 
 
+_GROUP_HYPERPARAMS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _align_param_groups(saved, optimizer) -> None:
+    """megatron matches saved param groups to current ones by their hyper-parameters (max_lr,
+    min_lr, ...), so resuming with a changed --lr/--min-lr fails with an opaque error. The
+    *current* run's schedule is what the user asked for: copy its values into the saved groups
+    (matched by their weight-decay / LR multipliers), keeping every per-parameter state."""
+    current = {}
+    for g in optimizer.param_groups:
+        current[(g.get("wd_mult", 1.0), g.get("lr_mult", 1.0))] = g
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            groups = obj.get("param_groups")
+            if isinstance(groups, list):
+                for g in groups:
+                    if isinstance(g, dict) and "max_lr" in g:
+                        cur = current.get((g.get("wd_mult", 1.0), g.get("lr_mult", 1.0)))
+                        if cur is not None:
+                            for k in _GROUP_HYPERPARAMS:
+                                if k in cur:
+                                    g[k] = cur[k]
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    walk(saved)
+
+
 def save_checkpoint(
     root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict, train_state: dict
 ) -> str:
@@ -172,6 +204,7 @@ def load_checkpoint(
         for i, c in enumerate(chunks):
             unwrap(c).load_state_dict(state[f"model{i}"])
     if load_optimizer and optimizer is not None:
+        _align_param_groups(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(common["scheduler"])
