@@ -1,0 +1,1 @@
+"""Olmo Hybrid: config + presets, layer specs, model builder, init, HF mapping and parity."""
