@@ -96,7 +96,6 @@ def _cumsum(x, axis: tl.constexpr, reverse: tl.constexpr = False):
 # Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): there, round the
 # operands to bfloat16 and multiply in float32, which is what the tensor cores compute.
 _BF16_DOT_IN_F32: tl.constexpr = tl.constexpr(_INTERPRETED)
-_INTERP: tl.constexpr = tl.constexpr(_INTERPRETED)
 
 
 @triton.jit
@@ -318,20 +317,16 @@ def _fwd_state_kernel(
         S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         S_KV = tl.full([KP, BV], 0.0, tl.float32)
-    if _INTERP:  # the interpreter cannot range() over a loaded bound
-        i = nc * 0
-        while i < nc:
-            S_KV = _fwd_state_chunk(
-                S_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
-                k_ptr, G_ptr, W_ptr, U_ptr, states_ptr, H, K, V, C, KP, BV, LOWP,
-            )  # fmt: skip
-            i += 1
-    else:  # a for loop, which Triton software-pipelines (loads of the next chunks in flight)
-        for i in range(nc):
-            S_KV = _fwd_state_chunk(
-                S_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
-                k_ptr, G_ptr, W_ptr, U_ptr, states_ptr, H, K, V, C, KP, BV, LOWP,
-            )  # fmt: skip
+    # A while loop over the chunks: Triton's interpreter cannot range() over a loaded bound, and
+    # a software-pipelined for loop measured no faster here (and gave NaN dS in the backward
+    # pass with 2+ stages on the H200, see docs/kernels.md).
+    i = nc * 0
+    while i < nc:
+        S_KV = _fwd_state_chunk(
+            S_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
+            k_ptr, G_ptr, W_ptr, U_ptr, states_ptr, H, K, V, C, KP, BV, LOWP,
+        )  # fmt: skip
+        i += 1
     ht_ptrs, _ = _state_ptrs(ht_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(ht_ptrs, S_KV, mask=S_mask)
 
@@ -427,23 +422,14 @@ def _bwd_state_kernel(
         dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         dS_KV = tl.full([KP, BV], 0.0, tl.float32)
-    if _INTERP:  # the interpreter cannot range() over a loaded bound
-        i = nc - 1
-        while i >= 0:
-            dS_KV = _bwd_state_chunk(
-                dS_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
-                q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
-                H, K, V, C, KP, BV, LOWP,
-            )  # fmt: skip
-            i -= 1
-    else:
-        for j in range(nc):
-            i = nc - 1 - j
-            dS_KV = _bwd_state_chunk(
-                dS_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
-                q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
-                H, K, V, C, KP, BV, LOWP,
-            )  # fmt: skip
+    i = nc - 1  # (a while loop, as in the forward pass)
+    while i >= 0:
+        dS_KV = _bwd_state_chunk(
+            dS_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
+            q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
+            H, K, V, C, KP, BV, LOWP,
+        )  # fmt: skip
+        i -= 1
     dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(dh0_ptrs, dS_KV, mask=S_mask)
 
@@ -621,12 +607,6 @@ def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
     return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
 
 
-def _state_stages(LOWP: int) -> int:
-    """Software-pipelining depth of the state passes' chunk loop: float32 tiles would need more
-    shared memory than an SM has for 3 stages."""
-    return 3 if LOWP != _DOT_F32 else 1
-
-
 def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, LOWP: int):
     """Prep + state pass. Returns (G, Tinv, W, u, states, final_state)."""
     T, H, K = k.shape
@@ -651,7 +631,7 @@ def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, 
             k, G, W, u, h0 if h0 is not None else ht, states, ht,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
             H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_H0=h0 is not None, LOWP=LOWP,
-            num_warps=4, num_stages=_state_stages(LOWP),
+            num_warps=4,
         )  # fmt: skip
     return G, Tinv, W, u, states, ht
 
@@ -689,7 +669,7 @@ def _backward(q, k, v, g, beta, h0, scale, lay: _Layout, do, dht, LOWP: int):
             q, k, G, W, do, dht if dht is not None else dh0, dstates, du, dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len, scale,
             H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_DHT=dht is not None, LOWP=LOWP,
-            num_warps=8, num_stages=_state_stages(LOWP),
+            num_warps=8,
         )  # fmt: skip
     if NC > 0:
         _bwd_chunk_kernel[(NC, H)](
