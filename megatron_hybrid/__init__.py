@@ -9,3 +9,32 @@ Tiers (dependencies flow downward only):
 """
 
 __version__ = "0.1.0"
+
+
+def _source_checkout_kernels() -> None:
+    """``pip install`` maps the top-level kernels/ folder to megatron_hybrid.kernels. When the
+    repository is used straight from a checkout on PYTHONPATH (common in containers), load that
+    folder under the same name so imports work identically."""
+    import importlib.util
+    import os
+    import sys
+
+    if "megatron_hybrid.kernels" in sys.modules:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isfile(os.path.join(here, "kernels", "__init__.py")):
+        return  # a regular installed layout
+    src = os.path.join(os.path.dirname(here), "kernels")
+    if os.path.isfile(os.path.join(src, "__init__.py")) and importlib.util.find_spec(
+        "megatron_hybrid.kernels"
+    ) is None:
+        spec = importlib.util.spec_from_file_location(
+            "megatron_hybrid.kernels", os.path.join(src, "__init__.py"),
+            submodule_search_locations=[src],
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["megatron_hybrid.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_source_checkout_kernels()

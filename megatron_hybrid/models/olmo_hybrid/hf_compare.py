@@ -187,7 +187,7 @@ def _compare_grads(args, cfg, ours, hf, our_logits_fn, hf_vocab, ids, labels, re
         err = ((p.grad.float().cpu() - r).norm() / r.norm().clamp_min(1e-12)).item()
         if err > worst:
             worst, worst_name = err, name
-    t = torch.tensor([worst])
+    t = torch.tensor([worst], device=next(ours.parameters()).device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     res.grad_max_rel_err, res.grad_worst_param = t.item(), worst_name
     res.grads_ok = t.item() < (1e-4 if args.dtype == "fp32" else 5e-2)
