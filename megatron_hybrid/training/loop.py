@@ -21,6 +21,7 @@ from megatron_hybrid import mcore
 from megatron_hybrid.data import batches
 from megatron_hybrid.data.tokenizers import build_tokenizer, padded_vocab_size
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError
+from megatron_hybrid.parallel import context as cpctx
 from megatron_hybrid.parallel import state as pstate
 from megatron_hybrid.training import checkpoint as ckpt
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
@@ -77,6 +78,7 @@ class Trainer:
         p = run.parallel
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         run.validate(world)
+        cpctx.check_run_config(run)
         tok, vocab, self.eod = resolve_vocab(run, p.tensor)
         self.tokenizer = tok
         if vocab != run.model.vocab_size:
@@ -94,6 +96,8 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.cp_group = ps.get_context_parallel_group()
+        self.cp_rank, self.cp_size = ps.get_context_parallel_rank(), p.context
         self.tcfg = transformer_config(run)
         self.chunks, self.flavour = build_model_chunks(run, self.tcfg)
         self.optimizer, self.scheduler = build_optimizer(run, self.tcfg, self.chunks)
@@ -158,8 +162,20 @@ class Trainer:
         labels = batch["labels"].to(dev)
         loss_mask = batch["loss_mask"].to(dev)
         n = tokens.shape[1]
-        pos = torch.arange(n, device=dev).unsqueeze(0)
-        psp = batches.packed_seq_params(batch["cu_seqlens"].to(dev), n)
+        cu_seqlens = batch["cu_seqlens"].to(dev)
+        if self.cp_size > 1:
+            # this CP rank's zigzag share (chunks r and 2c-1-r of 2c); document starts stay global
+            # (the layers pass GDN state / gather KV across ranks); the loss is this rank's
+            # token sum, and megatron sums gradients and token counts over DP x CP.
+            tokens, labels, loss_mask = (
+                cpctx.split_for_rank(x, self.cp_rank, self.cp_size)
+                for x in (tokens, labels, loss_mask)
+            )
+            psp = cpctx.context_parallel_params(cu_seqlens, n, self.cp_group)
+            pos = psp.positions.unsqueeze(0)
+        else:
+            pos = torch.arange(n, device=dev).unsqueeze(0)
+            psp = batches.packed_seq_params(cu_seqlens, n)
         output = model(tokens, pos, None, packed_seq_params=psp)
         z_coeff = self.run.optim.z_loss
         tp_group = mcore.parallel_state.get_tensor_model_parallel_group()
@@ -195,7 +211,8 @@ class Trainer:
         )
 
     def _reduce_report(self, store) -> torch.Tensor:
-        """[ce_sum, z_sum, tokens] over the global batch, the same on every rank."""
+        """[ce_sum, z_sum, tokens] over the global batch, the same on every rank. Every CP rank
+        holds different tokens, so all of them report (one TP rank, the last PP stage)."""
         ps = mcore.parallel_state
         total = torch.zeros(3, dtype=torch.float64)
         for item in store:
@@ -203,7 +220,6 @@ class Trainer:
         is_reporter = (
             ps.is_pipeline_last_stage(ignore_virtual=True)
             and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_context_parallel_rank() == 0
         )
         if not is_reporter:
             total.zero_()
@@ -230,6 +246,7 @@ class Trainer:
         loss_finite = math.isfinite(sums[0].item()) and math.isfinite(sums[1].item())
         if loss_finite and self._grads_finite():
             ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
             if ok and grad_norm is not None and not math.isfinite(grad_norm):
                 ok = False
         else:
