@@ -35,12 +35,16 @@ def _to_cpu_device(device):
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device=`` keyword arguments that name CUDA to the CPU (factory calls, .to())."""
+    """Rewrites ``device=`` keyword arguments that name CUDA to the CPU (factory calls, .to()),
+    and drops ``pin_memory=True`` (pinning needs a CUDA driver; megatron's CP RoPE slicing asks
+    for it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func in (torch.Tensor.to,) and args and len(args) > 1:
             dev = _to_cpu_device(args[1]) if isinstance(args[1], (str, torch.device)) else args[1]
             args = (args[0], dev, *args[2:])

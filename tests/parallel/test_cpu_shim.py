@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
     assert torch.zeros(2, device=torch.device("cuda", 0)).device.type == "cpu"
     assert torch.ones(2).to("cuda").device.type == "cpu"
     t = torch.ones(2); assert t.cuda() is t
+    assert torch.tensor([1, 2], device="cpu", pin_memory=True).tolist() == [1, 2]
     assert torch.nn.Parameter(torch.ones(2)).type() == "torch.cuda.FloatTensor"
     assert t.type(torch.float64).dtype == torch.float64
     # megatron's TP RNG tracker forks the (now CPU) generator and restores it afterwards.
@@ -46,6 +47,8 @@ SCRIPT = textwrap.dedent(
     from megatron_hybrid.models.olmo_hybrid.presets import tiny
     tcfg = tiny().transformer_config()
     lin = ColumnParallelLinear(8, 4, config=tcfg, init_method=torch.nn.init.ones_, bias=False)
+    with torch.no_grad():  # our configs leave init to models/olmo_hybrid/init.py
+        lin.weight.fill_(1.0)
     out, _ = lin(torch.ones(3, 1, 8)); out.sum().backward()
     assert lin.weight.grad is not None and float(out[0, 0, 0]) == 8.0
     state.destroy()
