@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from megatron_hybrid import mcore
 from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
+from megatron_hybrid.parallel import context
 
 
 @dataclass
@@ -37,7 +38,10 @@ class TorchCausalAttention(torch.nn.Module):
     """Core attention on any device via torch SDPA (the local spec's TEDotProductAttention).
 
     Inputs are megatron's ``[s, b, heads, d]``; output ``[s, b, heads*d]``. Packed documents
-    (THD: b == 1 plus ``cu_seqlens``) get a block-diagonal causal mask.
+    (THD: b == 1 plus ``cu_seqlens``) get a block-diagonal causal mask. Under context
+    parallelism (:class:`~megatron_hybrid.parallel.context.ContextParallelParams`) K and V are
+    all-gathered over the CP ranks (S = CP x s keys) and the mask is built from global positions
+    and document ids, so each rank attends its local queries exactly as the 1-rank model.
     """
 
     def __init__(self, config, layer_number=1, attn_mask_type=None, softmax_scale=None, **_):
@@ -49,23 +53,38 @@ class TorchCausalAttention(torch.nn.Module):
     ):
         s, b, n, d = q.shape
         groups = k.shape[2]
-        q_bnsd, k_bgsd, v_bgsd = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        if groups != n:  # GQA: each KV group serves n // groups query heads
-            k_bgsd = k_bgsd.repeat_interleave(n // groups, dim=1)
-            v_bgsd = v_bgsd.repeat_interleave(n // groups, dim=1)
-        if packed_seq_params is not None:
+        mask_sS = None  # [s, S] True = attend; None = plain causal
+        if context.is_context_parallel(packed_seq_params):
+            # all-gather-KV CP: K and V of every CP rank (rank-major, not in global order), the
+            # mask from global positions and document ids (causal within documents)
+            psp = packed_seq_params
+            kv_sbGX = torch.cat([k, v], dim=-1)
+            kv_SbGX, pos_k_S = context.gather_sequence_cp(kv_sbGX, psp)
+            k, v = kv_SbGX.split([k.shape[-1], v.shape[-1]], dim=-1)
+            pos_q_s = psp.positions
+            doc_q_s = context.document_ids(pos_q_s, psp.cu_seqlens_q)
+            doc_k_S = context.document_ids(pos_k_S, psp.cu_seqlens_q)
+            mask_sS = (doc_q_s[:, None] == doc_k_S[None, :]) & (
+                pos_q_s[:, None] >= pos_k_S[None, :]
+            )
+        elif packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q.to(torch.long)
             doc = torch.repeat_interleave(
                 torch.arange(cu.numel() - 1, device=q.device), cu[1:] - cu[:-1], output_size=s
             )
             pos = torch.arange(s, device=q.device)
-            mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+            mask_sS = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+        q_bnsd, k_bgSd, v_bgSd = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        if groups != n:  # GQA: each KV group serves n // groups query heads
+            k_bgSd = k_bgSd.repeat_interleave(n // groups, dim=1)
+            v_bgSd = v_bgSd.repeat_interleave(n // groups, dim=1)
+        if mask_sS is not None:
             o = F.scaled_dot_product_attention(
-                q_bnsd, k_bgsd, v_bgsd, attn_mask=mask, scale=self.softmax_scale
+                q_bnsd, k_bgSd, v_bgSd, attn_mask=mask_sS, scale=self.softmax_scale
             )
         else:
             o = F.scaled_dot_product_attention(
-                q_bnsd, k_bgsd, v_bgsd, is_causal=True, scale=self.softmax_scale
+                q_bnsd, k_bgSd, v_bgSd, is_causal=True, scale=self.softmax_scale
             )
         return o.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
@@ -138,6 +157,15 @@ class OlmoSelfAttention(mcore.MegatronModule):
         packed_seq_params=None,
         **_unused,
     ):
+        if context.is_context_parallel(packed_seq_params) and not isinstance(
+            self.core_attention, TorchCausalAttention
+        ):
+            raise NotImplementedError(
+                "context parallelism is implemented for the local spec's attention (all-gather "
+                f"KV); {type(self.core_attention).__name__} (the te spec) would need Transformer "
+                "Engine's own CP (p2p, zigzag) with document masking, which is not wired up: "
+                "use --spec local or context parallel size 1"
+            )
         qkv_sbX, _ = self.linear_qkv(hidden_states)
         s, b = qkv_sbX.shape[:2]
         G, r, d = self.local_groups, self.group_size, self.head_dim

@@ -30,6 +30,7 @@ from torch import nn
 from megatron_hybrid import mcore
 from megatron_hybrid.kernels.conv import causal_conv1d
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
+from megatron_hybrid.parallel import context
 
 
 @dataclass
@@ -124,13 +125,6 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         qkv_bsC = proj_bshX[..., : 2 * K + V].reshape(b, s, H * (2 * K + V))
         gate_bshV = proj_bshX[..., 2 * K + V :]
 
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q
-        qkv_bsC = causal_conv1d(qkv_bsC, self.conv_weight, cu_seqlens=cu_seqlens, activation="silu")
-        qkv_bshX = qkv_bsC.view(b, s, H, 2 * K + V)
-        q_bshK, k_bshK, v_bshV = qkv_bshX.split([K, K, V], dim=-1)
-
         ab_bsh2 = ab_sbX.transpose(0, 1).reshape(b, s, H, 2)
         a_bsh, b_bsh = ab_bsh2[..., 0], ab_bsh2[..., 1]
         beta_bsh = b_bsh.sigmoid()
@@ -139,17 +133,30 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         # log-decay in fp32: g = -exp(A_log) * softplus(a + dt_bias) <= 0
         g_bsh = -self.A_log.float().exp() * F.softplus(a_bsh.float() + self.dt_bias.float())
 
-        o_bshV, _ = chunk_gated_delta_rule(
-            q_bshK,
-            k_bshK,
-            v_bshV,
-            g_bsh,
-            beta_bsh,
-            scale=K**-0.5,
-            cu_seqlens=cu_seqlens,
-            use_qk_l2norm_in_kernel=True,
-            backend=g_cfg.backend,
-        )
+        if context.is_context_parallel(packed_seq_params):
+            # this rank's two zigzag chunks of the row; conv halo + GDN state passed over CP
+            o_bshV = context.gdn_conv_and_recurrence_cp(
+                qkv_bsC, self.conv_weight, g_bsh, beta_bsh, (K, V), packed_seq_params, g_cfg.backend
+            )
+        else:
+            cu_seqlens = None
+            if packed_seq_params is not None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+            qkv_bsC = causal_conv1d(
+                qkv_bsC, self.conv_weight, cu_seqlens=cu_seqlens, activation="silu"
+            )
+            q_bshK, k_bshK, v_bshV = qkv_bsC.view(b, s, H, 2 * K + V).split([K, K, V], dim=-1)
+            o_bshV, _ = chunk_gated_delta_rule(
+                q_bshK,
+                k_bshK,
+                v_bshV,
+                g_bsh,
+                beta_bsh,
+                scale=K**-0.5,
+                cu_seqlens=cu_seqlens,
+                use_qk_l2norm_in_kernel=True,
+                backend=g_cfg.backend,
+            )
 
         # Gated RMSNorm per head over V: norm(o) * w * silu(gate), HF's cast order.
         w = mcore.copy_to_tensor_model_parallel_region(self.out_norm_weight, group=self.tp_group)
