@@ -85,11 +85,11 @@ def main(argv=None) -> int:
     try:
         trainer = Trainer(run, log=lambda s: print(s, flush=True)).setup()
         trainer.train()
-        text = greedy_sample(unwrap(trainer.chunks[0]), trainer.tokenizer, "def ", 40,
+        text = greedy_sample(unwrap(trainer.chunks[0]), trainer.tokenizer, "    def __init__(self", 40,
                              trainer.device)
     finally:
         state.destroy()
-    print("[demo] greedy sample from the trained model (prompt 'def '):")
+    print("[demo] greedy sample from the trained model (prompt '    def __init__(self'):")
     print("-" * 60)
     print(text)
     print("-" * 60)
