@@ -24,7 +24,11 @@ def main(argv=None) -> int:
         if args.dry_run:
             from megatron_hybrid.training.report import describe
 
-            run.validate(world) if (run.data.mock or run.data.data_path) else None
+            if run.data.mock or run.data.data_path:
+                from megatron_hybrid.parallel.context import check_run_config
+
+                run.validate(world)
+                check_run_config(run)
             if rank == 0:
                 print(describe(run, world, show_config=True))
             return 0
