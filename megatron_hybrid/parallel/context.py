@@ -196,7 +196,7 @@ def is_context_parallel(packed_seq_params) -> bool:
 class _AllGather(torch.autograd.Function):
     """Forward: ``x [*] -> [c, *]`` (rank i's x at index i). Backward: every rank's gradient of
     the gathered tensor is summed and this rank's slice returned (all-reduce + slice: gloo has
-    no reduce_scatter; the tensors gathered for GDN are a few KiB per head)."""
+    no reduce_scatter; what GDN gathers is K (K + V) numbers per head and chunk)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
