@@ -4,7 +4,8 @@ vs the same layers on the whole packed row, on one rank. Used by tests/parallel/
 Every rank builds the same layer (same seed) and the same random row; the 1-rank reference runs
 the whole row, the CP run this rank's zigzag share. Checked: outputs at this rank's tokens, the
 gradients of the layer input (and attention q/k/v) at those tokens, and every parameter
-gradient summed over the CP ranks. Prints ``CP CHECK OK <cp size>`` when all pass.
+gradient summed over the CP ranks; also megatron's RoPE slicing against the zigzag positions.
+Prints ``CP CHECK OK <cp size>`` when all pass.
 """
 
 from __future__ import annotations
@@ -121,6 +122,20 @@ def attention_case(cu: list[int], group, seed: int) -> None:
         check(f"attention d{name} {cu}", a.grad, share(b.grad), TOL_GRAD)
 
 
+def rope_case(group) -> None:
+    """megatron's RotaryEmbedding, given the global row length, slices exactly the positions of
+    this rank's zigzag tokens (the model relies on it instead of passing positions)."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, 1.0, rotary_base=10000, use_cpu_initialization=True, cp_group=group)
+    params = context.context_parallel_params(torch.tensor([0, N], dtype=torch.int32), N, group)
+    emb = rope(params.max_seqlen_q, packed_seq=False)  # [N/c, 1, 1, 16], what HybridModel does
+    want = rope.get_emb(N)[params.positions]
+    if not torch.equal(emb, want):
+        print(f"rank {dist.get_rank()}: RoPE positions differ from the zigzag layout", flush=True)
+        sys.exit(1)
+
+
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     world = int(__import__("os").environ["WORLD_SIZE"])
@@ -128,6 +143,7 @@ def main() -> None:
     group = mcore.parallel_state.get_context_parallel_group()
     cfg = tiny()
     layer = build_gdn(cfg, cfg.transformer_config(context_parallel=world))
+    rope_case(group)
     for i, cu in enumerate(LAYOUTS.values()):
         gdn_case(layer, cu, group, seed=10 + i)
         attention_case(cu, group, seed=20 + i)
