@@ -29,6 +29,7 @@ from torch import nn
 
 from megatron_hybrid import mcore
 from megatron_hybrid.kernels.conv import causal_conv1d
+from megatron_hybrid.kernels.gated_rmsnorm import gated_rmsnorm
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
 from megatron_hybrid.parallel import context
 
@@ -158,12 +159,12 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
                 backend=g_cfg.backend,
             )
 
-        # Gated RMSNorm per head over V: norm(o) * w * silu(gate), HF's cast order.
+        # Gated RMSNorm per head over V: norm(o) * w * silu(gate), HF's cast order (fused Triton
+        # kernel on GPU; the gate is read in place from the projection).
         w = mcore.copy_to_tensor_model_parallel_region(self.out_norm_weight, group=self.tp_group)
-        o32 = o_bshV.float()
-        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + g_cfg.norm_eps)
-        y = (w * o32.to(o_bshV.dtype)) * F.silu(gate_bshV.float())
-        y_sbX = y.to(o_bshV.dtype).reshape(b, s, H * V).transpose(0, 1).contiguous()
+        norm_backend = "torch" if g_cfg.backend in ("torch", "naive") else "auto"
+        y = gated_rmsnorm(o_bshV, gate_bshV, w, g_cfg.norm_eps, backend=norm_backend)
+        y_sbX = y.reshape(b, s, H * V).transpose(0, 1).contiguous()
         out, bias = self.out_proj(y_sbX)
         return out, bias
 
