@@ -17,25 +17,10 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, parse_losses, run_python, train_cmd
+from tests.conftest import ROOT, TINY_MOCK, parse_losses, run_python, train_cmd
 
 SEQ, GBS, ITERS = 64, 4, 4
-BASE = [
-    "--preset",
-    "tiny",
-    "--mock-data",
-    "--seq-length",
-    str(SEQ),
-    "--global-batch-size",
-    str(GBS),
-    "--micro-batch-size",
-    "1",
-    "--lr",
-    "1e-3",
-    "--lr-warmup-iters",
-    "1",
-    "--deterministic",
-]
+BASE = TINY_MOCK  # seq 64, global batch 4, micro-batch 1, --deterministic
 REL = 2e-4
 
 
