@@ -103,45 +103,15 @@ def run_parity(args) -> ParityResult:
     if missing or unexpected:
         raise KeyError(f"state dict mismatch: missing {missing[:3]} unexpected {unexpected[:3]}")
 
-    g = torch.Generator().manual_seed(args.seed + 1)
-    hf_vocab = hf.config.vocab_size
-    ids = torch.randint(0, hf_vocab, (args.batch, args.seq_len), generator=g)
-    pad = hf.config.pad_token_id
-    if pad is not None and 0 <= pad < hf_vocab:
-        # HF gives the pad row padding_idx semantics (zero init, never a gradient); our
-        # pretraining embedding has none, so keep the pad token out of the batch.
-        ids = torch.randint(0, hf_vocab - 1, (args.batch, args.seq_len), generator=g)
-        ids = ids + (ids >= pad).long()
+    ids = random_batch(hf.config, args.batch, args.seq_len, args.seed)
     labels = torch.roll(ids, -1, dims=1)
     device = next(ours.parameters()).device
     pos = torch.arange(args.seq_len)[None].expand(args.batch, -1)
 
     ours.train(args.grads)
-    our_logits = ours(ids.to(device), pos.to(device), None)[..., :hf_vocab].float().cpu()
-    hf_logits = hf(input_ids=ids).logits.float()
-
-    diff = (our_logits - hf_logits).abs()
-    cos = torch.nn.functional.cosine_similarity(
-        our_logits.flatten(0, 1), hf_logits.flatten(0, 1), dim=-1
-    )
-    agree = (our_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()
-    if args.dtype == "fp32":
-        try:
-            torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
-            logits_ok = True
-        except AssertionError:
-            logits_ok = False
-    else:
-        logits_ok = cos.min().item() >= 0.99 and agree >= 0.9
-    res = ParityResult(
-        diff.max().item(),
-        diff.mean().item(),
-        cos.mean().item(),
-        agree,
-        logits_ok,
-        spec=flavour,
-        device=str(device),
-    )
+    res = compare_logits(ours, hf, ids, args.dtype)
+    res.spec = flavour
+    hf_vocab = hf.config.vocab_size
 
     if args.grads:
         _compare_grads(
@@ -157,6 +127,59 @@ def run_parity(args) -> ParityResult:
             tp_rank=tp_rank,
         )
     return res
+
+
+def random_batch(hf_config, batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The fixed random token batch of a parity check (seeded by ``seed + 1``), pad token excluded.
+
+    HF gives the pad row padding_idx semantics (zero init, never a gradient); our pretraining
+    embedding has none, so the pad token is kept out of the batch.
+    """
+    g = torch.Generator().manual_seed(seed + 1)
+    hf_vocab = hf_config.vocab_size
+    ids = torch.randint(0, hf_vocab, (batch, seq_len), generator=g)
+    pad = hf_config.pad_token_id
+    if pad is not None and 0 <= pad < hf_vocab:
+        ids = torch.randint(0, hf_vocab - 1, (batch, seq_len), generator=g)
+        ids = ids + (ids >= pad).long()
+    return ids
+
+
+def compare_logits(ours, hf, ids: torch.Tensor, dtype: str = "fp32") -> ParityResult:
+    """Run our model (TP rank's view, full logits: ``parallel_output=False`` or TP=1) and the HF
+    model on ``ids``; logits over the HF vocabulary (our padded rows dropped) are compared.
+
+    fp32: ``assert_close(rtol=1e-4, atol=1e-4)``; bf16: cosine >= 0.99 everywhere and >= 90%
+    next-token agreement.
+    """
+    device = next(ours.parameters()).device
+    batch, seq_len = ids.shape
+    hf_vocab = hf.config.vocab_size
+    pos = torch.arange(seq_len)[None].expand(batch, -1)
+    our_logits = ours(ids.to(device), pos.to(device), None)[..., :hf_vocab].float().cpu()
+    hf_logits = hf(input_ids=ids).logits.float()
+
+    diff = (our_logits - hf_logits).abs()
+    cos = torch.nn.functional.cosine_similarity(
+        our_logits.flatten(0, 1), hf_logits.flatten(0, 1), dim=-1
+    )
+    agree = (our_logits.argmax(-1) == hf_logits.argmax(-1)).float().mean().item()
+    if dtype == "fp32":
+        try:
+            torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
+            logits_ok = True
+        except AssertionError:
+            logits_ok = False
+    else:
+        logits_ok = cos.min().item() >= 0.99 and agree >= 0.9
+    return ParityResult(
+        diff.max().item(),
+        diff.mean().item(),
+        cos.mean().item(),
+        agree,
+        logits_ok,
+        device=str(device),
+    )
 
 
 def _compare_grads(args, cfg, ours, hf, our_logits_fn, hf_vocab, ids, labels, res, tp_rank):
