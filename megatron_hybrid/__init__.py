@@ -25,11 +25,13 @@ def _source_checkout_kernels() -> None:
     if os.path.isfile(os.path.join(here, "kernels", "__init__.py")):
         return  # a regular installed layout
     src = os.path.join(os.path.dirname(here), "kernels")
-    if os.path.isfile(os.path.join(src, "__init__.py")) and importlib.util.find_spec(
-        "megatron_hybrid.kernels"
-    ) is None:
+    if (
+        os.path.isfile(os.path.join(src, "__init__.py"))
+        and importlib.util.find_spec("megatron_hybrid.kernels") is None
+    ):
         spec = importlib.util.spec_from_file_location(
-            "megatron_hybrid.kernels", os.path.join(src, "__init__.py"),
+            "megatron_hybrid.kernels",
+            os.path.join(src, "__init__.py"),
             submodule_search_locations=[src],
         )
         module = importlib.util.module_from_spec(spec)

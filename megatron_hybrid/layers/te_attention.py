@@ -34,20 +34,41 @@ def te_packed_attention_class():
                 TEPackedDocumentAttention._cache = (cu, params)
             return self._cache[1]
 
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                    attention_bias=None, packed_seq_params=None, **kwargs):
+        def forward(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            attn_mask_type=None,
+            attention_bias=None,
+            packed_seq_params=None,
+            **kwargs,
+        ):
             if packed_seq_params is None or packed_seq_params.qkv_format == "thd":
-                return super().forward(query, key, value, attention_mask,
-                                       attn_mask_type=attn_mask_type or mcore.AttnMaskType.causal,
-                                       attention_bias=attention_bias,
-                                       packed_seq_params=packed_seq_params, **kwargs)
+                return super().forward(
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    attn_mask_type=attn_mask_type or mcore.AttnMaskType.causal,
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
+                    **kwargs,
+                )
             s, b = query.shape[:2]
             if b != 1:
                 raise ValueError(f"packed rows must have batch 1, got {b}")
             thd = self._thd_params(packed_seq_params.cu_seqlens_q)
-            out = super().forward(query.squeeze(1), key.squeeze(1), value.squeeze(1), None,
-                                  attn_mask_type=mcore.AttnMaskType.padding_causal,
-                                  packed_seq_params=thd, **kwargs)
+            out = super().forward(
+                query.squeeze(1),
+                key.squeeze(1),
+                value.squeeze(1),
+                None,
+                attn_mask_type=mcore.AttnMaskType.padding_causal,
+                packed_seq_params=thd,
+                **kwargs,
+            )
             return out.reshape(s, 1, -1)
 
     return TEPackedDocumentAttention
