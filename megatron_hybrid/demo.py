@@ -57,12 +57,20 @@ def main(argv=None) -> int:
     t0 = time.time()
     corpus = os.path.join(a.out, "stdlib.jsonl")
     info = build_stdlib_corpus(corpus)
-    print(f"[demo] corpus: {info['documents']} files, {info['bytes'] / 1e6:.1f} MB from {info['root']}")
+    print(
+        f"[demo] corpus: {info['documents']} files, {info['bytes'] / 1e6:.1f} MB from {info['root']}"
+    )
     tok_model = train_sentencepiece([corpus], os.path.join(a.out, "tokenizer"), vocab_size=a.vocab)
     print(f"[demo] tokenizer: {tok_model}")
-    summary = preprocess([corpus], os.path.join(a.out, "stdlib"), "SentencePieceTokenizer",
-                         tok_model, workers=max(1, min(4, os.cpu_count() or 1)), append_eod=True,
-                         progress=False)
+    summary = preprocess(
+        [corpus],
+        os.path.join(a.out, "stdlib"),
+        "SentencePieceTokenizer",
+        tok_model,
+        workers=max(1, min(4, os.cpu_count() or 1)),
+        append_eod=True,
+        progress=False,
+    )
     print(f"[demo] preprocessed: {summary.documents} documents, {summary.tokens:,} tokens")
     prefix = summary.outputs[0]
 
@@ -72,21 +80,54 @@ def main(argv=None) -> int:
     from megatron_hybrid.training.loop import Trainer
 
     ckpt = os.path.join(a.out, "ckpt")
-    run, _ = parse([
-        "--preset", a.preset, "--data-path", prefix, "--split", "98,2,0",
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok_model,
-        "--seq-length", str(a.seq_length), "--global-batch-size", str(a.global_batch_size),
-        "--micro-batch-size", str(a.micro_batch_size or max(1, a.global_batch_size // 2)),
-        "--train-iters", str(a.train_iters), "--lr", str(a.lr), "--min-lr", str(a.lr / 10),
-        "--lr-warmup-iters", str(max(1, a.train_iters // 15)), "--log-interval", "10",
-        "--eval-interval", str(a.train_iters), "--eval-iters", "2", "--save", ckpt,
-        "--data-cache-path", os.path.join(a.out, "index_cache"),
-    ])
+    run, _ = parse(
+        [
+            "--preset",
+            a.preset,
+            "--data-path",
+            prefix,
+            "--split",
+            "98,2,0",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            tok_model,
+            "--seq-length",
+            str(a.seq_length),
+            "--global-batch-size",
+            str(a.global_batch_size),
+            "--micro-batch-size",
+            str(a.micro_batch_size or max(1, a.global_batch_size // 2)),
+            "--train-iters",
+            str(a.train_iters),
+            "--lr",
+            str(a.lr),
+            "--min-lr",
+            str(a.lr / 10),
+            "--lr-warmup-iters",
+            str(max(1, a.train_iters // 15)),
+            "--log-interval",
+            "10",
+            "--eval-interval",
+            str(a.train_iters),
+            "--eval-iters",
+            "2",
+            "--save",
+            ckpt,
+            "--data-cache-path",
+            os.path.join(a.out, "index_cache"),
+        ]
+    )
     try:
         trainer = Trainer(run, log=lambda s: print(s, flush=True)).setup()
         trainer.train()
-        text = greedy_sample(unwrap(trainer.chunks[0]), trainer.tokenizer, "    def __init__(self", 40,
-                             trainer.device)
+        text = greedy_sample(
+            unwrap(trainer.chunks[0]),
+            trainer.tokenizer,
+            "    def __init__(self",
+            40,
+            trainer.device,
+        )
     finally:
         state.destroy()
     print("[demo] greedy sample from the trained model (prompt '    def __init__(self'):")
