@@ -4,6 +4,11 @@
                                           position, run config as run_config.json)
     <save>/latest_checkpointed_iteration.txt
 
+A *weights-only* checkpoint (``save_weights_only``, e.g. imported from HF by
+tools/convert_from_hf.py) holds the model and ``train_state = {"weights_only": true, ...}``; loading
+it restores the weights and leaves optimizer, LR schedule and RNG fresh (training starts at its
+iteration, normally 0).
+
 A save writes ``iter_XXXXXXX.tmp`` first and renames it when every rank has finished; the tracker
 file is replaced atomically last. A crash at any point leaves the previous checkpoint and the
 tracker pointing at it intact. Weights are sharded tensors keyed by global layer number, so a
@@ -167,6 +172,77 @@ def save_checkpoint(
     return final
 
 
+def save_weights_only(
+    root: str, iteration: int, chunks, run_dict: dict, train_state: dict | None = None
+) -> str:
+    """Save only the model (no optimizer, scheduler or RNG): a checkpoint that ``--load`` starts
+    from with a fresh optimizer and schedule. Same layout, atomic rename and tracker as
+    ``save_checkpoint``; any parallel layout (dist checkpoints reshard on load)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    sd = _model_sharded_state_dict(chunks)
+    state = {"consumed_samples": 0, "skipped": 0, "nan_iterations": 0}
+    state.update(train_state or {})
+    state["weights_only"] = True
+    sd["train_state"] = state
+    sd["world_size"] = world
+    mcore.dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(run_dict, f, indent=2, default=str)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load_model_only(path: str, chunks) -> None:
+    """Load just the model weights of the checkpoint in ``path`` (an ``iter_N`` directory, full or
+    weights-only, saved at any layout) into ``chunks``. Transformer Engine's per-module
+    ``_extra_state`` (FP8 metadata) is neither read nor required."""
+    model_sd = _model_sharded_state_dict(chunks)
+    sd = {
+        name: {k: v for k, v in part.items() if not k.endswith("_extra_state")}
+        for name, part in model_sd.items()
+    }
+    try:
+        state = mcore.dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
+    except Exception as e:
+        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
+    for name, c in zip(sd, chunks, strict=True):
+        missing, unexpected = unwrap(c).load_state_dict(state[name], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{path}: model weights do not match: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+
+
+def _load_weights_only(path: str, chunks, optimizer, common: dict, iteration: int) -> dict:
+    """Weights-only checkpoint: optimizer state, LR schedule and RNG stay as built (fresh)."""
+    load_model_only(path, chunks)
+    if optimizer is not None:
+        # Mixed precision keeps fp32 main copies of the parameters, made when the optimizer was
+        # built: refresh them from the loaded weights (Megatron-LM does this for --no-load-optim).
+        optimizer.reload_model_params()
+    return dict(common["train_state"], iteration=iteration)
+
+
 def load_checkpoint(
     root: str,
     chunks,
@@ -184,6 +260,8 @@ def load_checkpoint(
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} does not exist (tracker says iteration {iteration})")
     common = mcore.dist_checkpointing.load_common_state_dict(path)
+    if common.get("train_state", {}).get("weights_only"):
+        return _load_weights_only(path, chunks, optimizer, common, iteration)
     rank, world = dist.get_rank(), dist.get_world_size()
     model_sd = _model_sharded_state_dict(chunks)
     sd = dict(model_sd)
