@@ -135,6 +135,7 @@ def test_export_tp2_checkpoint_to_transformers(tp2_export):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("VALIDATION OK"), proc.stdout
     assert "next-token agreement 1.0000" in proc.stdout
+    assert "8/8 new tokens equal to transformers' generate()" in proc.stdout
 
     conf = json.load(open(os.path.join(out, "config.json")))
     assert conf["model_type"] == "olmo_hybrid" and conf["architectures"] == [

@@ -419,9 +419,60 @@ def _sentencepiece_to_hf(path: str, sp, out_dir: str) -> list[str]:
 # validation
 
 
-def validate_export(hf_dir: str, ours, batch: int = 2, seq_len: int = 64, seed: int = 0):
+@dataclass
+class GreedyResult:
+    prompt_tokens: int
+    new_tokens: int
+    equal: int
+    """Leading generated tokens that are the same."""
+    tie_at: int | None = None
+    """First differing step when our top two logits there are within ``TIE`` (a near-tie the
+    tiny float differences may flip; accepted), else None."""
+
+    @property
+    def ok(self) -> bool:
+        return self.equal == self.new_tokens or self.tie_at is not None
+
+
+TIE = 1e-4
+
+
+def compare_greedy(ours, hf, prompt: torch.Tensor, new_tokens: int = 8) -> GreedyResult:
+    """Greedy continuation of ``prompt`` ([1, P]) by transformers' ``generate`` (its cached,
+    recurrent decode path) and by our model (re-running the prefix each step)."""
+    vocab = hf.config.vocab_size
+    out = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=hf.config.pad_token_id,
+    )
+    theirs = out[0, prompt.shape[1] :].tolist()
+    device = next(ours.parameters()).device
+    ids = prompt[0].tolist()
+    equal = 0
+    for step in range(new_tokens):
+        x = torch.tensor([ids], device=device)
+        pos = torch.arange(len(ids), device=device)[None]
+        logits = ours(x, pos, None)[0, -1, :vocab].float().cpu()
+        mine = int(logits.argmax())
+        if mine != theirs[step]:
+            margin = (logits[mine] - logits[theirs[step]]).item()
+            tie = step if margin <= TIE * max(1.0, logits.abs().max().item()) else None
+            return GreedyResult(prompt.shape[1], new_tokens, equal, tie)
+        equal += 1
+        ids.append(mine)
+    return GreedyResult(prompt.shape[1], new_tokens, equal)
+
+
+def validate_export(
+    hf_dir: str, ours, batch: int = 2, seq_len: int = 64, seed: int = 0, new_tokens: int = 8
+):
     """Load ``hf_dir`` with ``AutoModelForCausalLM`` (CPU, fp32) and compare logits with our model
-    (fp32 ``assert_close`` 1e-4); returns hf_compare's ParityResult."""
+    (fp32 ``assert_close`` 1e-4) on hf_compare's fixed random batch, then a greedy continuation
+    of its first 16 tokens. Returns (ParityResult, GreedyResult)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_hybrid.models.olmo_hybrid.hf_compare import compare_logits, random_batch
@@ -430,8 +481,9 @@ def validate_export(hf_dir: str, ours, batch: int = 2, seq_len: int = 64, seed: 
     ids = random_batch(hf.config, batch, seq_len, seed)
     with torch.no_grad():
         res = compare_logits(ours.eval(), hf, ids, "fp32")
+        greedy = compare_greedy(ours, hf, ids[:1, :16], new_tokens)
     del hf
-    return res
+    return res, greedy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +501,7 @@ class ExportResult:
     hf_vocab_size: int
     tokenizer: TokenizerExport | None = None
     parity: object = None
+    greedy: GreedyResult | None = None
 
 
 def _hf_vocab(arg, cfg: OlmoHybridConfig, tok: TokenizerExport | None) -> int:
@@ -572,7 +625,7 @@ def _export(
         log(f"tokenizer: {tok.note}")
     if validate:
         # fp32 on both sides, with the weights as exported.
-        res.parity = validate_export(save, model.float())
+        res.parity, res.greedy = validate_export(save, model.float())
     return res
 
 
@@ -764,10 +817,21 @@ def main_to_hf(argv=None) -> int:
         f"{r.mean_abs_diff:.3e}  cosine {r.cosine:.6f}  next-token agreement "
         f"{r.top1_agreement:.4f}"
     )
-    if r.logits_ok:
-        print(f"VALIDATION OK: {args.save} loads with AutoModelForCausalLM and matches (atol 1e-4)")
+    g = res.greedy
+    tie = f" (then a near-tie at step {g.tie_at + 1}, accepted)" if g.tie_at is not None else ""
+    print(
+        f"greedy generation ({g.prompt_tokens}-token prompt): {g.equal}/{g.new_tokens} new "
+        f"tokens equal to transformers' generate(){tie}"
+    )
+    if r.logits_ok and g.ok:
+        print(
+            f"VALIDATION OK: {args.save} loads with AutoModelForCausalLM; logits match "
+            "(assert_close 1e-4) and greedy generation matches"
+        )
         return 0
-    print("VALIDATION FAIL: logits differ beyond assert_close(rtol=1e-4, atol=1e-4)")
+    why = [] if r.logits_ok else ["logits differ beyond assert_close(rtol=1e-4, atol=1e-4)"]
+    why += [] if g.ok else ["greedy generation differs"]
+    print(f"VALIDATION FAIL: {'; '.join(why)}")
     return 1
 
 
