@@ -208,6 +208,26 @@ def test_export_is_the_same_from_any_layout(trained, tp2_export):
         assert err < 1e-2, (k, err.item())
 
 
+def test_validation_catches_a_wrong_mapping(trained, tmp_path):
+    """The built-in validation can fail: an export with swapped a/b projections is caught."""
+    _, tp2, _ = trained
+    code = (
+        "import sys\n"
+        "import megatron_hybrid.models.olmo_hybrid.conversion as cv\n"
+        "orig = cv.megatron_to_hf\n"
+        "def broken(sd, cfg, hf_vocab_size=None):\n"
+        "    out = orig(sd, cfg, hf_vocab_size)\n"
+        "    a, b = 'model.layers.0.linear_attn.a_proj.weight', 'model.layers.0.linear_attn.b_proj.weight'\n"
+        "    out[a], out[b] = out[b], out[a]\n"
+        "    return out\n"
+        "cv.megatron_to_hf = broken\n"
+        f"sys.exit(cv.main_to_hf(['--load', '{tp2}', '--save', '{tmp_path / 'out'}']))\n"
+    )
+    proc = run_python(["-c", code])
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("VALIDATION FAIL: logits differ")
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) HF -> ours -> HF, (c) continue training from the import
 

@@ -546,6 +546,8 @@ def export_to_hf(
     one-process megatron parallel state if none exists."""
     path, _ = resolve_checkpoint(load, iteration)
     cfg = model_config_from_run_dict(read_run_config(path), os.path.join(path, "run_config.json"))
+    # The recurrence backend does not touch the weights; validation runs on CPU.
+    cfg = cfg.replace(gdn_backend="auto")
     if os.path.isdir(save) and os.listdir(save):
         raise ConversionError(f"--save {save} exists and is not empty")
     if dtype != "auto" and dtype not in DTYPES:
