@@ -111,6 +111,9 @@ SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 JobRequeue=1
+# The scripts use MASTER_PORT = 15000 + job id % 40000: start the ids at a free port so that two
+# test clusters on one machine (concurrent test runs) do not hand out the same ports.
+FirstJobId={max(1, _free_port() - 15000)}
 KillWait=30
 MinJobAge=300
 MailProg=/bin/true
