@@ -333,19 +333,26 @@ class TokenizerExport:
 def export_tokenizer(tokenizer_model: str, out_dir: str) -> TokenizerExport:
     """Copy a sentencepiece model (``tokenizer.model``) and, where it converts exactly, add a
     transformers tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) that encodes like it.
-    An HF tokenizer directory (or one with tokenizer.json) is copied as is."""
+    An HF tokenizer (directory or hub name) is written with its own ``save_pretrained``."""
     res = TokenizerExport()
-    if os.path.isdir(tokenizer_model):
+    if not os.path.isfile(tokenizer_model):
+        # An HF tokenizer: a directory, or a hub name transformers can resolve (cache/online),
+        # as the trainer's --tokenizer-type HuggingFaceTokenizer accepts.
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(tokenizer_model)
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer_model)
+        except (OSError, ValueError) as e:
+            raise ConversionError(
+                f"--tokenizer-model {tokenizer_model}: neither a sentencepiece file nor a "
+                f"tokenizer transformers can load ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        before = set(os.listdir(out_dir))
         tok.save_pretrained(out_dir)
-        res.files = sorted(os.listdir(out_dir))
+        res.files = sorted(set(os.listdir(out_dir)) - before)
         res.vocab_size, res.eos, res.pad = len(tok), tok.eos_token_id, tok.pad_token_id
         res.hf_loadable, res.note = True, "HF tokenizer saved with save_pretrained"
         return res
-    if not os.path.isfile(tokenizer_model):
-        raise ConversionError(f"--tokenizer-model {tokenizer_model}: no such file")
     import sentencepiece as spm
 
     try:
