@@ -19,7 +19,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: F
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: F401
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: F401
-from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue  # noqa: F401
 from megatron.core.distributed import (  # noqa: F401
     DistributedDataParallel,
     DistributedDataParallelConfig,

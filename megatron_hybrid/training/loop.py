@@ -76,6 +76,7 @@ class Trainer:
     def setup(self):
         run = self.run
         p = run.parallel
+        self._install_signal_handlers()
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         run.validate(world)
         cpctx.check_run_config(run)
@@ -118,10 +119,11 @@ class Trainer:
                 self.iteration = st["iteration"]
                 self.consumed = st["consumed_samples"]
                 self.skipped, self.nan_total = st.get("skipped", 0), st.get("nan_iterations", 0)
-                self.log(
-                    f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
-                    f"{self.iteration} (consumed samples {self.consumed})"
-                )
+                if self.rank == 0:
+                    self.log(
+                        f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
+                        f"{self.iteration} (consumed samples {self.consumed})"
+                    )
         eval_steps = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
         self.train_ds, self.valid_ds = batches.build_datasets(
             run.data,
@@ -136,10 +138,26 @@ class Trainer:
         self.sinks = Sinks(
             t.tensorboard_dir, t.wandb_project, run.to_dict(), enabled=self.rank == self.world - 1
         )
-        if t.exit_on_signal:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, self._on_signal)
         return self
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGUSR1 -> save at the next step boundary and exit (Slurm time limits,
+        preemption, requeue). Installed first thing, so a signal during setup is not lost.
+
+        megatron's checkpoint writer keeps a helper process (a multiprocessing Manager, spawned
+        at the first save) that would die from the same SIGTERM and break the very save the
+        signal asks for. It is started here with both signals ignored — ignored dispositions
+        survive exec, so the helper keeps ignoring them."""
+        if not self.run.train.exit_on_signal:
+            return
+        sigs = (signal.SIGTERM, signal.SIGUSR1)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+        try:
+            mcore.get_write_results_queue()
+        finally:
+            for sig in sigs:
+                signal.signal(sig, self._on_signal)
+        del previous
 
     def _on_signal(self, signum, _frame):
         self.stop_signal = signum
