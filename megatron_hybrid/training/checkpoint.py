@@ -128,17 +128,42 @@ def _align_param_groups(saved, optimizer) -> None:
     walk(saved)
 
 
-def save_checkpoint(
-    root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict, train_state: dict
-) -> str:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _prepare(root: str, iteration: int) -> tuple[str, str]:
+    """Fresh ``iter_N.tmp`` for a save (all ranks wait for it)."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
+    return final, tmp
+
+
+def _publish(root: str, iteration: int, tmp: str, final: str, run_dict: dict) -> str:
+    """After every rank wrote its shards into ``tmp``: config, rename, then the tracker —
+    atomically, in that order, so a crash at any point leaves the previous checkpoint current."""
+    if dist.get_rank() == 0:
+        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+            json.dump(run_dict, f, indent=2, default=str)
+        if os.path.exists(final):  # re-saving the same iteration: keep the old one until now
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def save_checkpoint(
+    root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict, train_state: dict
+) -> str:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final, tmp = _prepare(root, iteration)
     model_sd = _model_sharded_state_dict(chunks)
     sd = dict(model_sd)
     sd["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_META)
@@ -156,20 +181,7 @@ def save_checkpoint(
         import signal
 
         os.killpg(os.getpgid(0), signal.SIGKILL)
-    if rank == 0:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(run_dict, f, indent=2, default=str)
-        if os.path.exists(final):  # re-saving the same iteration: keep the old one until now
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    dist.barrier()
-    return final
+    return _publish(root, iteration, tmp, final, run_dict)
 
 
 def save_weights_only(
@@ -178,14 +190,8 @@ def save_weights_only(
     """Save only the model (no optimizer, scheduler or RNG): a checkpoint that ``--load`` starts
     from with a fresh optimizer and schedule. Same layout, atomic rename and tracker as
     ``save_checkpoint``; any parallel layout (dist checkpoints reshard on load)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
+    world = dist.get_world_size()
+    final, tmp = _prepare(root, iteration)
     sd = _model_sharded_state_dict(chunks)
     state = {"consumed_samples": 0, "skipped": 0, "nan_iterations": 0}
     state.update(train_state or {})
@@ -194,20 +200,7 @@ def save_weights_only(
     sd["world_size"] = world
     mcore.dist_checkpointing.save(sharded_state_dict=sd, checkpoint_dir=tmp)
     dist.barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(run_dict, f, indent=2, default=str)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    dist.barrier()
-    return final
+    return _publish(root, iteration, tmp, final, run_dict)
 
 
 def load_model_only(path: str, chunks) -> None:
