@@ -44,6 +44,8 @@ class TorchCausalAttention(torch.nn.Module):
     and document ids, so each rank attends its local queries exactly as the 1-rank model.
     """
 
+    supports_context_parallel = True
+
     def __init__(self, config, layer_number=1, attn_mask_type=None, softmax_scale=None, **_):
         super().__init__()
         self.softmax_scale = softmax_scale
@@ -157,14 +159,14 @@ class OlmoSelfAttention(mcore.MegatronModule):
         packed_seq_params=None,
         **_unused,
     ):
-        if context.is_context_parallel(packed_seq_params) and not isinstance(
-            self.core_attention, TorchCausalAttention
+        if context.is_context_parallel(packed_seq_params) and not getattr(
+            self.core_attention, "supports_context_parallel", False
         ):
+            # A core attention opts in by setting ``supports_context_parallel = True`` (it must
+            # then accept ContextParallelParams: local queries of the zigzag layout).
             raise NotImplementedError(
-                "context parallelism is implemented for the local spec's attention (all-gather "
-                f"KV); {type(self.core_attention).__name__} (the te spec) would need Transformer "
-                "Engine's own CP (p2p, zigzag) with document masking, which is not wired up: "
-                "use --spec local or context parallel size 1"
+                f"{type(self.core_attention).__name__} does not implement context parallelism "
+                "(all-gather KV over the zigzag layout): use context parallel size 1"
             )
         qkv_sbX, _ = self.linear_qkv(hidden_states)
         s, b = qkv_sbX.shape[:2]
