@@ -85,8 +85,8 @@ def check_layout(
 
 def check_run_config(run) -> None:
     """Reject a RunConfig whose CP layout the model cannot run (before any process group or
-    model exists): the row split (:func:`check_layout`) and the layer spec (CP attention is
-    implemented for the local spec only)."""
+    model exists): the row split (:func:`check_layout`) and, for the te spec, a usable
+    Transformer Engine."""
     p, t = run.parallel, run.train
     if p.context <= 1:
         return
@@ -102,11 +102,16 @@ def check_run_config(run) -> None:
     from megatron_hybrid.models.olmo_hybrid.model import default_flavour  # (import cycle)
 
     flavour = default_flavour() if t.spec == "auto" else t.spec
-    if flavour != "local":
-        raise ConfigError(
-            f"context parallel size {p.context} needs the local layer spec (--spec local): "
-            f"the '{flavour}' spec's Transformer Engine attention has no document-masked CP here"
-        )
+    if flavour == "te":
+        # the te spec runs CP attention too (layers/te_cp_attention.py), but needs TE itself:
+        # say so now rather than after the process groups are up
+        try:
+            mcore.te_modules()
+        except (ImportError, RuntimeError) as e:
+            raise ConfigError(
+                f"context parallel size {p.context} with the 'te' layer spec: Transformer Engine "
+                f"is not usable here ({e}); without it CP needs the local layer spec (--spec local)"
+            ) from e
 
 
 def zigzag_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 - ``local``: megatron's Column/RowParallelLinear, torch RMSNorm and torch SDPA attention. Runs on
   any device (CPU CI, GPUs without Transformer Engine).
-- ``te``: Transformer Engine linears, norms and TEDotProductAttention (GPU; FP8-capable).
+- ``te``: Transformer Engine linears, norms and TEDotProductAttention (GPU; FP8-capable); under
+  context parallelism its attention all-gathers K/V and runs TE's THD kernel (te_attention.py).
 
 Sub-layers (megatron-core HybridStack symbols):
     G  TransformerLayer(input_layernorm=RMSNorm, self_attention=OlmoGatedDeltaNet)   pre-norm
@@ -23,6 +24,7 @@ from megatron_hybrid.layers.attention import (
 from megatron_hybrid.layers.gdn import GDNShape, GDNSubmodules, OlmoGatedDeltaNet
 from megatron_hybrid.layers.mlp_layer import OlmoMLPLayer, OlmoMLPLayerSubmodules
 from megatron_hybrid.layers.norms import RMSNorm
+from megatron_hybrid.layers.te_attention import te_core_attention_class
 from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.models.olmo_hybrid.stack import OlmoHybridStack
 
@@ -44,9 +46,9 @@ def _parts(flavour: str) -> _Parts:
         )
     if flavour == "te":
         te = mcore.te_modules()
-        return _Parts(
-            te.TEColumnParallelLinear, te.TERowParallelLinear, te.TENorm, te.TEDotProductAttention
-        )
+        # TEDotProductAttention at CP 1; our all-gather-KV CP with TE's THD kernel at CP > 1
+        core_attention = te_core_attention_class()
+        return _Parts(te.TEColumnParallelLinear, te.TERowParallelLinear, te.TENorm, core_attention)
     raise ValueError(f"unknown layer-spec flavour {flavour!r}; choose one of {FLAVOURS}")
 
 
