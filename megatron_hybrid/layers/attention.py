@@ -168,6 +168,20 @@ class OlmoSelfAttention(mcore.MegatronModule):
                 f"{type(self.core_attention).__name__} does not implement context parallelism "
                 "(all-gather KV over the zigzag layout): use context parallel size 1"
             )
+        q_sbNd, k_sbGd, v_sbGd = self.qkv(hidden_states, rotary_pos_emb)
+        ctx = self.core_attention(
+            q_sbNd.contiguous(),
+            k_sbGd.contiguous(),
+            v_sbGd.contiguous(),
+            attention_mask,
+            attn_mask_type=mcore.AttnMaskType.causal,
+            packed_seq_params=packed_seq_params,
+        )
+        return self.output(ctx), None
+
+    def qkv(self, hidden_states, rotary_pos_emb=None):
+        """Normed, rotated q [s, b, N, d] and k [s, b, G, d], and v [s, b, G, d]. Shared by
+        training and by generation (inference/decoder.py), which keeps k and v in a cache."""
         qkv_sbX, _ = self.linear_qkv(hidden_states)
         s, b = qkv_sbX.shape[:2]
         G, r, d = self.local_groups, self.group_size, self.head_dim
@@ -187,14 +201,10 @@ class OlmoSelfAttention(mcore.MegatronModule):
             # document the scores equal those of per-document positions.
             q_sbNd = mcore.apply_rotary_pos_emb(q_sbNd, q_emb, config=self.config)
             k_sbGd = mcore.apply_rotary_pos_emb(k_sbGd, k_emb, config=self.config)
-        ctx = self.core_attention(
-            q_sbNd.contiguous(),
-            k_sbGd.contiguous(),
-            v_sbGd.contiguous(),
-            attention_mask,
-            attn_mask_type=mcore.AttnMaskType.causal,
-            packed_seq_params=packed_seq_params,
-        )
-        out, bias = self.linear_proj(ctx)
+        return q_sbNd, k_sbGd, v_sbGd
+
+    def output(self, ctx_sbX):
+        """o_proj then the Olmo 3 post-norm: [s, b, N*d] -> [s, b, D]."""
+        out, bias = self.linear_proj(ctx_sbX)
         assert bias is None
-        return self.post_norm(out), None
+        return self.post_norm(out)

@@ -116,10 +116,13 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             mcore.set_tensor_model_parallel_attributes(p, True, 0, 1)
         self.out_norm_weight = nn.Parameter(torch.ones(V, dtype=dtype))
 
-    def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **_unused):
+    def project(self, hidden_states):
+        """The mixer's inputs from ``hidden_states`` [s, b, D] (sequence-gathered under SP):
+        ``(qkv_bsC, gate_bshV, g_bsh fp32 log decay, beta_bsh)``. Shared by training and by
+        generation (inference/decoder.py), which runs the recurrence with a cached state."""
         g_cfg = self.gdn
         H, K, V = self.local_heads, g_cfg.head_k_dim, g_cfg.head_v_dim
-        proj_sbX, _ = self.in_proj(hidden_states)  # sequence-gathered if SP
+        proj_sbX, _ = self.in_proj(hidden_states)
         ab_sbX, _ = self.ab_proj(hidden_states)
         s, b = proj_sbX.shape[:2]
         proj_bshX = proj_sbX.transpose(0, 1).reshape(b, s, H, self.per_head_in)
@@ -133,11 +136,38 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             beta_bsh = beta_bsh * 2.0  # eigenvalues of (I - beta k k^T) in (-1, 1]
         # log-decay in fp32: g = -exp(A_log) * softplus(a + dt_bias) <= 0
         g_bsh = -self.A_log.float().exp() * F.softplus(a_bsh.float() + self.dt_bias.float())
+        return qkv_bsC, gate_bshV, g_bsh, beta_bsh
 
+    def split_qkv(self, qkv_bsC):
+        """Conv output [b, s, C] -> q, k [b, s, H, K] and v [b, s, H, V] (views)."""
+        b, s = qkv_bsC.shape[:2]
+        H, K, V = self.local_heads, self.gdn.head_k_dim, self.gdn.head_v_dim
+        return qkv_bsC.view(b, s, H, 2 * K + V).split([K, K, V], dim=-1)
+
+    def output(self, o_bshV, gate_bshV):
+        """Gated RMSNorm per head over V then out_proj: ``(out [s, b, D], bias)``."""
+        b, s = o_bshV.shape[:2]
+        # norm(o) * w * silu(gate), HF's cast order (fused Triton kernel on GPU; the gate is
+        # read in place from the projection).
+        w = mcore.copy_to_tensor_model_parallel_region(self.out_norm_weight, group=self.tp_group)
+        norm_backend = "torch" if self.gdn.backend in ("torch", "naive") else "auto"
+        y = gated_rmsnorm(o_bshV, gate_bshV, w, self.gdn.norm_eps, backend=norm_backend)
+        y_sbX = y.reshape(b, s, self.local_heads * self.gdn.head_v_dim).transpose(0, 1)
+        return self.out_proj(y_sbX.contiguous())
+
+    def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **_unused):
+        K, V = self.gdn.head_k_dim, self.gdn.head_v_dim
+        qkv_bsC, gate_bshV, g_bsh, beta_bsh = self.project(hidden_states)
         if context.is_context_parallel(packed_seq_params):
             # this rank's two zigzag chunks of the row; conv halo + GDN state passed over CP
             o_bshV = context.gdn_conv_and_recurrence_cp(
-                qkv_bsC, self.conv_weight, g_bsh, beta_bsh, (K, V), packed_seq_params, g_cfg.backend
+                qkv_bsC,
+                self.conv_weight,
+                g_bsh,
+                beta_bsh,
+                (K, V),
+                packed_seq_params,
+                self.gdn.backend,
             )
         else:
             cu_seqlens = None
@@ -146,7 +176,7 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             qkv_bsC = causal_conv1d(
                 qkv_bsC, self.conv_weight, cu_seqlens=cu_seqlens, activation="silu"
             )
-            q_bshK, k_bshK, v_bshV = qkv_bsC.view(b, s, H, 2 * K + V).split([K, K, V], dim=-1)
+            q_bshK, k_bshK, v_bshV = self.split_qkv(qkv_bsC)
             o_bshV, _ = chunk_gated_delta_rule(
                 q_bshK,
                 k_bshK,
@@ -156,17 +186,9 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
                 scale=K**-0.5,
                 cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=True,
-                backend=g_cfg.backend,
+                backend=self.gdn.backend,
             )
-
-        # Gated RMSNorm per head over V: norm(o) * w * silu(gate), HF's cast order (fused Triton
-        # kernel on GPU; the gate is read in place from the projection).
-        w = mcore.copy_to_tensor_model_parallel_region(self.out_norm_weight, group=self.tp_group)
-        norm_backend = "torch" if g_cfg.backend in ("torch", "naive") else "auto"
-        y = gated_rmsnorm(o_bshV, gate_bshV, w, g_cfg.norm_eps, backend=norm_backend)
-        y_sbX = y.reshape(b, s, H * V).transpose(0, 1).contiguous()
-        out, bias = self.out_proj(y_sbX)
-        return out, bias
+        return self.output(o_bshV, gate_bshV)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)

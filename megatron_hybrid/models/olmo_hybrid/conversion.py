@@ -446,31 +446,35 @@ TIE = 1e-4
 
 def compare_greedy(ours, hf, prompt: torch.Tensor, new_tokens: int = 8) -> GreedyResult:
     """Greedy continuation of ``prompt`` ([1, P]) by transformers' ``generate`` (its cached,
-    recurrent decode path) and by our model (re-running the prefix each step)."""
+    recurrent decode path) and by ours (inference/decoder.py: recurrent state, one token per
+    step). End-of-text is not special on either side."""
+    from megatron_hybrid.inference.decoder import HybridDecoder
+
     vocab = hf.config.vocab_size
     out = hf.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=hf.config.pad_token_id,
+        eos_token_id=None,
     )
     theirs = out[0, prompt.shape[1] :].tolist()
     device = next(ours.parameters()).device
-    ids = prompt[0].tolist()
+    decoder = HybridDecoder(ours)
+    state = decoder.new_state()
+    logits = decoder.forward(prompt.to(device), state)[0, -1, :vocab].cpu()
     equal = 0
-    for step in range(new_tokens):
-        x = torch.tensor([ids], device=device)
-        pos = torch.arange(len(ids), device=device)[None]
-        logits = ours(x, pos, None)[0, -1, :vocab].float().cpu()
+    for step in range(len(theirs)):
         mine = int(logits.argmax())
         if mine != theirs[step]:
             margin = (logits[mine] - logits[theirs[step]]).item()
             tie = step if margin <= TIE * max(1.0, logits.abs().max().item()) else None
             return GreedyResult(prompt.shape[1], new_tokens, equal, tie)
         equal += 1
-        ids.append(mine)
+        if step + 1 < len(theirs):
+            nxt = torch.tensor([[mine]], device=device)
+            logits = decoder.forward(nxt, state)[0, -1, :vocab].cpu()
     return GreedyResult(prompt.shape[1], new_tokens, equal)
 
 

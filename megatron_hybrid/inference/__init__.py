@@ -1,0 +1,1 @@
+"""Generation and evaluation with recurrent state (GDN state + conv tail + KV cache)."""

@@ -1,0 +1,230 @@
+"""A loaded checkpoint + tokenizer, with generation and perplexity evaluation on top of the
+recurrent-state decoder (inference/decoder.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_hybrid.inference.decoder import HybridDecoder
+from megatron_hybrid.inference.sampling import SamplingConfig, next_tokens
+
+
+class GenerateError(ValueError):
+    pass
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    new_ids: list[int]
+    prefill_s: float
+    decode_s: float
+    state_bytes: int
+
+
+@dataclass
+class EvalResult:
+    documents: int
+    tokens: int
+    """Predicted tokens (each document's tokens after its first, including the final EOD)."""
+    nll_sum: float
+    seconds: float
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+def _tokenizer_from(run: dict, tok_type: str | None, tok_model: str | None):
+    from megatron_hybrid.data.tokenizers import build_tokenizer
+
+    data = run.get("data") or {}
+    tok_model = tok_model or data.get("tokenizer_model")
+    if not tok_model:
+        return None
+    if tok_type is None:
+        tok_type = data.get("tokenizer_type") if tok_model == data.get("tokenizer_model") else None
+    if tok_type is None:
+        tok_type = (
+            "SentencePieceTokenizer" if tok_model.endswith(".model") else "HuggingFaceTokenizer"
+        )
+    try:
+        return build_tokenizer(tok_type, tok_model)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise GenerateError(f"tokenizer {tok_model!r} ({tok_type}) cannot be loaded: {e}") from None
+
+
+class GenerationSession:
+    def __init__(self, model, cfg, tokenizer, where: str):
+        self.model, self.cfg, self.tokenizer, self.where = model, cfg, tokenizer, where
+        self.decoder = HybridDecoder(model)
+        self.device = next(model.parameters()).device
+        self.vocab_size = cfg.vocab_size
+        # Rows past the tokenizer's vocabulary are padding (Megatron pads to 128 x TP): never
+        # generate them.
+        self.usable_vocab = (
+            min(tokenizer.vocab_size, cfg.vocab_size) if tokenizer else cfg.vocab_size
+        )
+        eos = tokenizer.eod if tokenizer is not None else cfg.eos_token_id
+        self.eos = eos if eos is not None and 0 <= eos < self.usable_vocab else None
+
+    @classmethod
+    def load(cls, load, iteration=None, dtype="auto", tok_type=None, tok_model=None):
+        from megatron_hybrid import mcore
+        from megatron_hybrid.models.olmo_hybrid import conversion as cv
+        from megatron_hybrid.parallel import state
+
+        try:
+            path, _ = cv.resolve_checkpoint(load, iteration)
+            run = cv.read_run_config(path)
+            cfg = cv.model_config_from_run_dict(run, os.path.join(path, "run_config.json"))
+        except cv.ConversionError as e:
+            raise GenerateError(str(e)) from None
+        tokenizer = _tokenizer_from(run, tok_type, tok_model)
+        if not mcore.parallel_state.model_parallel_is_initialized():
+            state.initialize(state.ParallelLayout())
+        cuda = torch.cuda.is_available()
+        if dtype == "auto":
+            torch_dtype = cv.checkpoint_weight_dtype(path) if cuda else torch.float32
+        else:
+            torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        # decoding has no backward: the auto kernels (ours on GPU, torch on CPU) are exact
+        cfg = cfg.replace(gdn_backend="auto")
+        try:
+            model = cv.load_checkpoint_model(path, cfg, torch_dtype)
+        except cv.ConversionError as e:
+            raise GenerateError(str(e)) from None
+        where = f"{path} ({'cuda' if cuda else 'cpu'}, {str(torch_dtype).replace('torch.', '')})"
+        return cls(model, cfg, tokenizer, where)
+
+    # ---- text ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerateError(
+                "--prompt needs a tokenizer: the checkpoint records none; give --tokenizer-model"
+            )
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise GenerateError(f"prompt {text!r} encodes to no tokens")
+        return ids
+
+    def decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else None
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, stop_at_eos=True
+    ) -> Generation:
+        """Prefill the prompt in one chunk, then one token per step from the recurrent state."""
+        gen = torch.Generator().manual_seed(sampling.seed)
+        state = self.decoder.new_state()
+        ids = torch.tensor([prompt_ids], device=self.device)
+        t0 = time.perf_counter()
+        logits = self.decoder.forward(ids, state)[:, -1]
+        self._sync()
+        t1 = time.perf_counter()
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            logits[:, self.usable_vocab :] = float("-inf")
+            tok = next_tokens(logits, sampling, gen)
+            new.append(int(tok[0]))
+            if stop_at_eos and new[-1] == self.eos:
+                break
+            if len(new) == max_new_tokens:
+                break
+            logits = self.decoder.forward(tok[:, None], state)[:, -1]
+        self._sync()
+        return Generation(prompt_ids, new, t1 - t0, time.perf_counter() - t1, state.memory_bytes())
+
+    def generate_and_print(self, prompt_ids, text, max_new_tokens, sampling, stop_at_eos=True):
+        g = self.generate(prompt_ids, max_new_tokens, sampling, stop_at_eos)
+        shown = text if text is not None else self.decode(prompt_ids)
+        print(f"prompt ({len(prompt_ids)} tokens): {shown!r}" if shown is not None else
+              f"prompt ids: {','.join(map(str, prompt_ids))}")  # fmt: skip
+        out = self.decode(g.new_ids)
+        if out is not None:
+            print(f"completion: {out}")
+        rate = len(g.new_ids) / g.decode_s if g.decode_s > 0 else float("inf")
+        print(
+            f"prefill {len(prompt_ids)} tokens {g.prefill_s * 1e3:.1f} ms | decode "
+            f"{len(g.new_ids)} tokens {rate:.1f} tokens/s | recurrent state + KV cache "
+            f"{g.state_bytes / 2**20:.2f} MiB"
+        )
+        print(f"GENERATED ids={','.join(map(str, g.new_ids))}", flush=True)
+        return g
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, docs: list[list[int]], window: int, progress: bool = False) -> EvalResult:
+        """Mean next-token NLL over documents, each read in ``window``-token chunks with the
+        recurrent state and KV cache carried across chunks (full-document context)."""
+        from tqdm import tqdm
+
+        nll, count, t0 = 0.0, 0, time.perf_counter()
+        for ids in tqdm(docs, desc="eval", unit="doc", disable=not progress):
+            x = torch.tensor([ids[:-1]], device=self.device)
+            y = torch.tensor(ids[1:], device=self.device)
+            state = self.decoder.new_state()
+            for s in range(0, x.shape[1], window):
+                logits = self.decoder.forward(x[:, s : s + window], state)[0]
+                nll += F.cross_entropy(logits, y[s : s + window], reduction="sum").item()
+            count += y.numel()
+        return EvalResult(len(docs), count, nll, time.perf_counter() - t0)
+
+    def read_documents(self, path: str, key: str, max_docs: int | None) -> list[list[int]]:
+        if not os.path.isfile(path):
+            raise GenerateError(f"--eval-file {path}: no such file")
+        texts: list[str] = []
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".jsonl", ".json")):
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        texts.append(json.loads(line)[key])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        what = "not JSON" if isinstance(e, json.JSONDecodeError) else f"no {key!r}"
+                        raise GenerateError(f"{path}:{n}: {what} ({e})") from None
+                    if max_docs is not None and len(texts) >= max_docs:
+                        break
+            else:
+                texts.append(f.read())
+        if self.tokenizer is None:
+            raise GenerateError("--eval-file needs a tokenizer: give --tokenizer-model")
+        docs = []
+        eod = self.tokenizer.eod
+        for text in texts:
+            ids = self.tokenizer.encode(text) + ([eod] if eod is not None else [])
+            if len(ids) >= 2:  # the trainer's documents end with EOD too (preprocess --append-eod)
+                docs.append(ids)
+        if not docs:
+            raise GenerateError(f"--eval-file {path}: no document with at least two tokens")
+        return docs
+
+    def evaluate_and_print(self, path, key, window, max_docs, progress=True) -> EvalResult:
+        docs = self.read_documents(path, key, max_docs)
+        r = self.evaluate(docs, window, progress)
+        print(
+            f"EVAL documents={r.documents} tokens={r.tokens} loss={r.loss:.6f} "
+            f"perplexity={r.perplexity:.4f} ({r.tokens / max(r.seconds, 1e-9):.0f} tokens/s, "
+            f"{self.where})",
+            flush=True,
+        )
+        return r
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
