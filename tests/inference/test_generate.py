@@ -101,7 +101,9 @@ def test_greedy_equals_transformers_generate(converted):
 
 
 def test_stops_at_eos_and_sampling_is_seeded(converted):
-    hf, ckpt, _, _ = converted
+    hf, ckpt, _, variant = converted
+    if variant != "rope_tp2":
+        pytest.skip("decoding-control test runs on one variant (keeps CI time down)")
     base = ["tools/generate.py", "--load", ckpt, "--prompt-ids", "5,9,14", "--max-new-tokens"]
     greedy = _generated(_ok(run_python([*base, "40", "--ignore-eos"])).stdout)[0]
     eos = 2  # the fixture config's eos_token_id
