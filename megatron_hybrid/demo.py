@@ -19,21 +19,22 @@ import time
 
 
 def greedy_sample(model, tokenizer, prompt: str, new_tokens: int, device) -> str:
-    """Greedy continuation by re-running the prefix (the cached recurrent decoder lives in
-    megatron_hybrid.generation once it exists; this is enough for a demo's few tokens)."""
+    """Greedy continuation with the recurrent-state decoder (what tools/generate.py runs)."""
     import torch
 
-    ids = tokenizer.encode(prompt)
+    from megatron_hybrid.inference.decoder import HybridDecoder
+
     model.eval()
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            x = torch.tensor([ids], device=device)
-            pos = torch.arange(len(ids), device=device).unsqueeze(0)
-            logits = model(x, pos, None)
-            nxt = int(logits[0, -1, : tokenizer.vocab_size].float().argmax())
-            if nxt == tokenizer.eod:
-                break
-            ids.append(nxt)
+    decoder = HybridDecoder(model)
+    state = decoder.new_state()
+    ids = tokenizer.encode(prompt)
+    logits = decoder.forward(torch.tensor([ids], device=device), state)[0, -1]
+    for _ in range(new_tokens):
+        nxt = int(logits[: tokenizer.vocab_size].argmax())
+        if nxt == tokenizer.eod:
+            break
+        ids.append(nxt)
+        logits = decoder.forward(torch.tensor([[nxt]], device=device), state)[0, -1]
     return tokenizer.decode(ids)
 
 
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
     print(text)
     print("-" * 60)
     print(f"[demo] done in {time.time() - t0:.0f} s; checkpoint in {ckpt}")
+    print(f"[demo] more: python tools/generate.py --load {ckpt} --prompt 'import os'")
     return 0
 
 

@@ -3,21 +3,62 @@
 # megatron-core and our wheels into /tmp/site). Every GPU number in a closing note comes from here.
 #   1. the TE and local layer specs against transformers' olmo_hybrid (HF reference on CPU)
 #   2. the olmo_hybrid_1b preset trained on the stdlib demo corpus (loss, tokens/s/GPU, MFU)
+#   3. that 1B checkpoint -> HF (validated against transformers) -> ours -> HF (bitwise), then
+#      generation and held-out perplexity on the GPU with tools/generate.py
+# STEPS selects (default "parity demo convert"); ITERS the demo's iterations.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache TORCHDYNAMO_DISABLE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .gpu/extra2/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-if [ -z "${SKIP_PARITY:-}" ]; then
+STEPS=${STEPS:-parity demo convert}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+if want parity; then
 echo "== 1. spec parity vs transformers"
 for spec in ${SPECS:-te local}; do
   python3 tools/compare_hf.py --hf-config tests/fixtures/tiny_hf_config.json --spec "$spec" --grads 2>&1 | tail -3
   python3 tools/compare_hf.py --hf-config tests/fixtures/tiny_hf_config.json --spec "$spec" --dtype bf16 2>&1 | tail -2
 done
 fi
+if want demo; then
 echo "== 2. olmo_hybrid_1b on the demo corpus"
 python3 -m megatron_hybrid.demo --out /tmp/demo1b --preset olmo_hybrid_1b --train-iters "${ITERS:-250}" \
   --seq-length 2048 --global-batch-size 8 --micro-batch-size 4 --lr 1e-3 --vocab 8192 \
   > "$OUT/demo1b.log" 2>&1
 grep -E "parameters:|layer spec|iteration +(10|50|100|150|200|250)/|validation|\[demo\]|rror" "$OUT/demo1b.log" | tail -30
+fi
+if want convert; then
+echo "== 3. 1B checkpoint -> HF -> ours -> HF; generation and perplexity on the GPU"
+CK=/tmp/demo1b/ckpt TOK=/tmp/demo1b/tokenizer.model
+rm -rf /tmp/hf1b /tmp/back1b /tmp/hf1b_back
+( time python3 tools/convert_to_hf.py --load $CK --save /tmp/hf1b --tokenizer-model $TOK --no-progress ) \
+  > "$OUT/to_hf.log" 2>&1; grep -vi warn "$OUT/to_hf.log" | tail -8
+python3 tools/convert_from_hf.py --hf-model /tmp/hf1b --save /tmp/back1b > "$OUT/from_hf.log" 2>&1
+tail -2 "$OUT/from_hf.log"
+python3 tools/convert_to_hf.py --load /tmp/back1b --save /tmp/hf1b_back --skip-validation \
+  --no-progress > "$OUT/back.log" 2>&1; tail -1 "$OUT/back.log"
+python3 - <<'PY'
+import glob, os
+from safetensors.torch import load_file
+def read(d):
+    out = {}
+    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+a, b = read("/tmp/hf1b"), read("/tmp/hf1b_back")
+same = sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
+print(f"HF -> ours -> HF: {len(a)} tensors, {'BITWISE EQUAL' if same else 'DIFFERENT'}")
+PY
+python3 - <<'PY'
+import json, pathlib
+docs = [p.read_text() for p in sorted(pathlib.Path("docs").glob("*.md"))]
+with open("/tmp/heldout.jsonl", "w") as f:
+    f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+PY
+python3 tools/generate.py --load $CK --prompt "    def __init__(self" --max-new-tokens 256 \
+  --ignore-eos 2>&1 | grep -vi warn | tail -6
+python3 tools/generate.py --load $CK --eval-file /tmp/heldout.jsonl --no-progress 2>&1 | tail -1
+python3 tools/generate.py --load $CK --eval-file /tmp/heldout.jsonl --no-progress --eval-window 256 \
+  2>&1 | tail -1
+fi

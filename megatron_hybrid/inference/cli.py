@@ -106,6 +106,8 @@ def main(argv=None) -> int:
         session = GenerationSession.load(
             args.load, args.iteration, args.dtype, args.tokenizer_type, args.tokenizer_model
         )
+        n_params = sum(p.numel() for p in session.model.parameters())
+        print(f"loaded {session.where}: {n_params:,} parameters", flush=True)
         prompts = [(text, session.encode(text)) for text in args.prompt]
         prompts += [(None, _parse_ids(t, session.vocab_size)) for t in args.prompt_ids]
         for text, ids in prompts:
