@@ -1,0 +1,64 @@
+"""Checkpoints under context parallelism (CPU, gloo, tiny preset, mock data, --deterministic).
+
+A CP run saved mid-way and resumed at the same layout continues exactly like the uninterrupted
+run (same lm loss and grad norm at every later iteration, as printed); a CP checkpoint loaded
+at another layout (CP 1; TP 1 from TP 2 x CP 2) continues like the uninterrupted run within the
+layout tolerance of tests/parallel/test_layouts.py (2e-4 relative). The checkpoint has no CP
+dimension: weights are sharded by TP/PP only and CP ranks hold replicas (DP x CP), so nothing in
+it depends on the CP size.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import TINY_MOCK, parse_losses, run_python, train_cmd
+
+ITERS = ["--train-iters", "6"]
+SAVED_AT = 3
+REL = 2e-4
+CP2 = ["--context-parallel-size", "2"]
+TP2_CP2 = ["--tensor-model-parallel-size", "2", *CP2]
+
+
+def train(args: list[str], nproc: int) -> tuple[dict, str]:
+    proc = run_python(train_cmd(*TINY_MOCK, *ITERS, *args), nproc=nproc, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return parse_losses(proc.stdout), proc.stdout
+
+
+def save_then_resume(tmp_path, layout: list[str], nproc: int, uninterrupted: dict) -> str:
+    """Train to SAVED_AT and save; resume at the same layout (saving elsewhere, so the first
+    checkpoint stays the latest of its directory); iterations after it equal ``uninterrupted``.
+    Returns the checkpoint directory."""
+    ckpt = str(tmp_path / "ckpt")
+    first, _ = train([*layout, "--exit-interval", str(SAVED_AT), "--save", ckpt], nproc)
+    assert sorted(first) == list(range(1, SAVED_AT + 1))
+    resumed, out = train([*layout, "--load", ckpt, "--save", str(tmp_path / "again")], nproc)
+    assert f"at iteration {SAVED_AT}" in out and "resumed from" in out, out[-2000:]
+    assert sorted(resumed) == [4, 5, 6], resumed
+    for it in resumed:
+        assert resumed[it] == uninterrupted[it], (it, resumed[it], uninterrupted[it])
+    return ckpt
+
+
+def assert_continues_like(got: dict, ref: dict) -> None:
+    assert sorted(got) == [4, 5, 6], got
+    for it in got:
+        assert got[it][0] == pytest.approx(ref[it][0], rel=REL), ("lm loss", it, got, ref)
+        assert got[it][1] == pytest.approx(ref[it][1], rel=2e-3), ("grad norm", it, got, ref)
+
+
+def test_cp2_checkpoint_resumes_exactly_and_loads_at_cp1(tmp_path):
+    uninterrupted, _ = train(CP2, nproc=2)
+    ckpt = save_then_resume(tmp_path, CP2, 2, uninterrupted)
+    at_cp1, out = train(["--load", ckpt], nproc=1)
+    assert f"at iteration {SAVED_AT}" in out
+    assert_continues_like(at_cp1, uninterrupted)
+
+
+def test_tp2_cp2_checkpoint_resumes_exactly_and_loads_at_one_rank(tmp_path):
+    uninterrupted, _ = train(TP2_CP2, nproc=4)
+    ckpt = save_then_resume(tmp_path, TP2_CP2, 4, uninterrupted)
+    one_rank, _ = train(["--load", ckpt], nproc=1)  # TP and CP both change
+    assert_continues_like(one_rank, uninterrupted)
