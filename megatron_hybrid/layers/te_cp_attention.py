@@ -129,10 +129,10 @@ def te_attend(dpa, te_forward: Callable | None = None) -> Attend:
 
     ``dpa`` must be built with ``attention_type="cross"`` (query and key lengths differ per
     segment; TE's self-attention paths assume equal cu_seqlens) and without a CP group (this is
-    the local compute). ``te_forward`` is the TE forward to call (default ``dpa.forward``;
+    the local compute). ``te_forward`` is the TE forward to call (default: the module itself;
     megatron's wrapper passes TE's own ``DotProductAttention.forward`` to skip its sbhd logic).
     """
-    fwd = te_forward or dpa.forward
+    fwd = te_forward or dpa
 
     def attend(q, k, v, plan: THDPlan):
         return fwd(

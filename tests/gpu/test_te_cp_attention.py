@@ -8,25 +8,38 @@ document-causal attention over the whole row, within bf16 tolerance. The packed 
 documents crossing chunk boundaries, starting exactly at a chunk boundary (CP 2 and 4), one-token
 documents, and one spanning several chunks. A second test runs the same through the TE spec's
 megatron module (te_attention.te_core_attention_class) built for CP > 1, with the all-gather
-replaced by its result. Runs in seconds:
+replaced by its result. Runs in seconds, with pytest or (the lent GPU machine has no pytest)
+as a script that ends with "TE CP ATTENTION OK":
 
-    .venv/bin/python -m pytest -m gpu tests/gpu/test_te_cp_attention.py -v -s
+    python -m pytest -m gpu tests/gpu/test_te_cp_attention.py -v -s
+    PYTHONPATH=/tmp/site:$PWD python3 tests/gpu/test_te_cp_attention.py
 """
 
 from __future__ import annotations
 
 import types
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_hybrid.parallel import context
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+try:
+    import pytest
+except ImportError:  # run as a script
+    pytest = None
+
+if pytest is not None:
+    pytestmark = [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ]
+    each_cp = pytest.mark.parametrize("cp", [2, 4])
+else:
+
+    def each_cp(test):
+        return test
+
 
 N, HEADS, GROUPS, D = 1024, 8, 2, 128
 # chunks: 256 at CP 2, 128 at CP 4. 128, 256 and 512 are chunk starts; 129 and 1023 one-token
@@ -122,7 +135,7 @@ def simulate_ranks(cp, run_rank, q, k, v, gout):
     return out, [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+@each_cp
 def test_te_thd_local_compute_matches_full_row(cp):
     import transformer_engine.pytorch as te
 
@@ -152,8 +165,8 @@ def test_te_thd_local_compute_matches_full_row(cp):
         check(name, got, want)
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_te_spec_core_attention_under_cp(cp, monkeypatch):
+@each_cp
+def test_te_spec_core_attention_under_cp(cp):
     """The megatron module the te spec builds, at CP > 1, with the all-gather stubbed."""
     from megatron_hybrid import mcore
     from megatron_hybrid.layers.te_attention import te_core_attention_class
@@ -186,7 +199,7 @@ def test_te_spec_core_attention_under_cp(cp, monkeypatch):
         # all_gather_cp([s, G, 2d]) -> [c, s, G, 2d]: hand back the simulated ranks' K/V (the
         # module's own K/V slice is passed too, only to fix the shapes)
         kv_all = torch.cat([k_all, v_all], dim=-1).view(cp, N // cp, GROUPS, 2 * D)
-        monkeypatch.setattr(context, "all_gather_cp", lambda x, group: kv_all)
+        context.all_gather_cp = lambda x, group: kv_all
         params = context.ContextParallelParams(
             qkv_format="sbhd",
             cu_seqlens_q=cu,
@@ -210,10 +223,21 @@ def test_te_spec_core_attention_under_cp(cp, monkeypatch):
         assert o.shape == (N // cp, 1, HEADS * D), o.shape
         return o[:, 0]
 
-    out, grads = simulate_ranks(cp, run_rank, q, k, v, gout)
+    gather = context.all_gather_cp
+    try:
+        out, grads = simulate_ranks(cp, run_rank, q, k, v, gout)
+    finally:
+        context.all_gather_cp = gather
     print(f"\nmodule, CP {cp}:")
     print_backend()
     check("out", out, ref)
     # dk/dv reach the leaves through the stub's result (built from every rank's K/V)
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
         check(name, got, want)
+
+
+if __name__ == "__main__":
+    for cp in (2, 4):
+        test_te_thd_local_compute_matches_full_row(cp)
+        test_te_spec_core_attention_under_cp(cp)
+    print("TE CP ATTENTION OK")
