@@ -93,7 +93,7 @@ def te_core_attention_class():
         ContextParallelParams`) K/V are all-gathered over CP and TE attends this rank's queries
         to them in THD form, per document segment (te_cp_attention)."""
 
-        supports_context_parallel = True  # OlmoSelfAttention refuses CP for core attentions without
+        supports_context_parallel = True  # OlmoSelfAttention runs CP only with those that say so
 
         def __init__(self, config, layer_number, attn_mask_type, attention_type="self", **kw):
             self.cp_size = config.context_parallel_size

@@ -8,7 +8,10 @@ document-causal attention over the whole row, within bf16 tolerance. The packed 
 documents crossing chunk boundaries, starting exactly at a chunk boundary (CP 2 and 4), one-token
 documents, and one spanning several chunks. A second test runs the same through the TE spec's
 megatron module (te_attention.te_core_attention_class) built for CP > 1, with the all-gather
-replaced by its result. Runs in seconds, with pytest or (the lent GPU machine has no pytest)
+replaced by its result. A third test checks that the CP-1 te path (megatron's
+TEDotProductAttention with the trainer's sbhd packed-sequence parameters) masks documents as
+well (not changed by the CP work; in script mode it prints its own verdict line). Runs in
+seconds, with pytest or (the lent GPU machine has no pytest)
 as a script that ends with "TE CP ATTENTION OK":
 
     python -m pytest -m gpu tests/gpu/test_te_cp_attention.py -v -s
@@ -236,8 +239,54 @@ def test_te_spec_core_attention_under_cp(cp):
         check(name, got, want)
 
 
+def test_te_spec_core_attention_cp1_packed_documents():
+    """CP 1 for comparison: the te spec's attention (megatron's TEDotProductAttention, not changed
+    by the CP work) with the packed-sequence parameters the trainer passes at CP 1 (sbhd, the
+    row's document starts in cu_seqlens). Checks that documents are masked there too."""
+    from megatron_hybrid import mcore
+    from megatron_hybrid.data.batches import packed_seq_params
+    from megatron_hybrid.layers.te_attention import te_core_attention_class
+
+    cfg = mcore.TransformerConfig(
+        num_layers=1,
+        hidden_size=HEADS * D,
+        num_attention_heads=HEADS,
+        num_query_groups=GROUPS,
+        kv_channels=D,
+        attention_dropout=0.0,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+    )
+    module = te_core_attention_class()(
+        config=cfg,
+        layer_number=1,
+        attn_mask_type=mcore.AttnMaskType.causal,
+        attention_type="self",
+        softmax_scale=D**-0.5,
+        pg_collection=types.SimpleNamespace(tp=None, cp=None),
+    )
+    q, k, v, gout = inputs(seed=2)
+    ref, _ = reference(q, k, v, gout)
+    cu = torch.tensor(STARTS + [N], dtype=torch.int32, device="cuda")
+    o = module(
+        *(t.bfloat16()[:, None] for t in (q, k, v)),
+        None,
+        attn_mask_type=mcore.AttnMaskType.causal,
+        packed_seq_params=packed_seq_params(cu, N),
+    )
+    print("\nCP 1, te spec, packed documents:")
+    print_backend()
+    check("out", o.reshape(N, HEADS * D), ref)
+
+
 if __name__ == "__main__":
     for cp in (2, 4):
         test_te_thd_local_compute_matches_full_row(cp)
         test_te_spec_core_attention_under_cp(cp)
     print("TE CP ATTENTION OK")
+    # not part of the CP work: does the CP-1 te path mask documents? (its own verdict line)
+    try:
+        test_te_spec_core_attention_cp1_packed_documents()
+        print("TE CP1 PACKED DOCUMENTS OK")
+    except AssertionError as e:
+        print(f"TE CP1 PACKED DOCUMENTS FAIL: {e}")
