@@ -8,6 +8,8 @@ ProcessGroupCollection, ...) is fixed in this file. Pinned: megatron-core 0.19.2
 
 import warnings
 
+import torch
+
 # megatron-core announces every optional accelerator it does not find (apex, TE on CPU, absl) at
 # import time; those fallbacks are expected here, so keep the logs readable.
 for _msg in (".*Apex.*", ".*Transformer Engine.*", ".*absl.*", ".*apex.*"):
@@ -73,3 +75,63 @@ def te_modules():
             "use the 'local' spec on CPU"
         )
     return te_ext
+
+
+_TORCH_ADAM_FIXED = False
+
+
+def fix_torch_adam_distributed_optimizer() -> None:
+    """Make megatron-core 0.19.2's DistributedOptimizer checkpoint with torch's AdamW.
+
+    Without apex or Transformer Engine (CPU runs; GPU without TE) megatron's distributed
+    optimizer wraps ``torch.optim.AdamW``, whose per-parameter state carries a ``step`` tensor,
+    and three places of that path are broken upstream:
+    1. ``state_dict()`` (called to build the sharded state dict a load fills) asserts that the
+       state holds exactly one step value, so a fresh optimizer cannot load: give every empty
+       state AdamW's own zero state first (not a dummy step, which would move the weights);
+    2. ``_set_main_param_and_optimizer_states`` copies every tensor of the state, ``step``
+       included, from the loaded shard, which has no ``step`` (KeyError): skip what is absent;
+    3. ``load_state_dict`` gives every parameter the *same* step tensor, which AdamW then
+       increments once per parameter per step (wrong bias correction): give each its own.
+    No-op with apex/TE (their fused Adam keeps ``step`` in the param groups)."""
+    global _TORCH_ADAM_FIXED
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if _TORCH_ADAM_FIXED or dopt.HAVE_APEX_OR_TE:
+        return
+    cls = dopt.DistributedOptimizer
+    orig_state_dict = cls.state_dict
+    orig_set_states = cls._set_main_param_and_optimizer_states
+    orig_load_state_dict = cls.load_state_dict
+
+    def state_dict(self):
+        inner = self.optimizer
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if not inner.state[p]:
+                        inner.state[p] = {
+                            "step": torch.tensor(0.0),
+                            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        }
+        return orig_state_dict(self)
+
+    class _SkipAbsent(dict):
+        def __missing__(self, key):
+            return None  # the caller skips non-tensors
+
+    def set_states(self, model_param, tensors):
+        return orig_set_states(self, model_param, _SkipAbsent(tensors))
+
+    def load_state_dict(self, state_dict):
+        out = orig_load_state_dict(self, state_dict)
+        for s in self.optimizer.state.values():
+            if isinstance(s.get("step"), torch.Tensor):
+                s["step"] = s["step"].clone()
+        return out
+
+    cls.state_dict = state_dict
+    cls._set_main_param_and_optimizer_states = set_states
+    cls.load_state_dict = load_state_dict
+    _TORCH_ADAM_FIXED = True

@@ -110,6 +110,8 @@ def build_optimizer(run, tcfg, chunks):
         with_name_predicate=mcore.ParamWithNamePredicate(name="olmo_no_decay", fn=_no_decay(run))
     )
     overrides = {key: mcore.ParamGroupOverride(wd_mult=0.0)}
+    if ocfg.use_distributed_optimizer:
+        mcore.fix_torch_adam_distributed_optimizer()  # upstream bugs without apex/TE
     optimizer = mcore.get_megatron_optimizer(ocfg, chunks, config_overrides=overrides)
     t = run.train
     # megatron's scheduler counts samples (it is stepped by the global batch size each step).

@@ -62,3 +62,15 @@ def test_tp2_cp2_checkpoint_resumes_exactly_and_loads_at_one_rank(tmp_path):
     ckpt = save_then_resume(tmp_path, TP2_CP2, 4, uninterrupted)
     one_rank, _ = train(["--load", ckpt], nproc=1)  # TP and CP both change
     assert_continues_like(one_rank, uninterrupted)
+
+
+DP2_DISTOPT = ["--use-distributed-optimizer"]
+
+
+def test_dp2_distributed_optimizer_resumes_exactly_and_loads_at_one_rank(tmp_path):
+    # megatron-core's torch-Adam path of the distributed optimizer (no TE/apex: CPU runs) needs
+    # mcore.fix_torch_adam_distributed_optimizer to save/load at all and to resume exactly
+    uninterrupted, _ = train(DP2_DISTOPT, nproc=2)
+    ckpt = save_then_resume(tmp_path, DP2_DISTOPT, 2, uninterrupted)
+    one_rank, _ = train(["--load", ckpt, *DP2_DISTOPT], nproc=1)
+    assert_continues_like(one_rank, uninterrupted)
