@@ -236,6 +236,25 @@ def _load_weights_only(path: str, chunks, optimizer, common: dict, iteration: in
     return dict(common["train_state"], iteration=iteration)
 
 
+def _check_optimizer_kind(path: str, optimizer) -> None:
+    """The distributed optimizer stores its states sharded over DP in its own format; megatron
+    cannot read them into the plain optimizer or the other way round."""
+    try:
+        with open(os.path.join(path, "run_config.json")) as f:
+            saved = json.load(f).get("parallel", {}).get("distributed_optimizer")
+    except (OSError, ValueError):
+        return
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    now = any(type(o).__name__ == "DistributedOptimizer" for o in parts)
+    if saved is not None and bool(saved) != now:
+        flag = "with" if saved else "without"
+        raise CheckpointError(
+            f"{path} was saved {flag} --use-distributed-optimizer and its optimizer states are "
+            f"stored in that format: resume {flag} it, or add --no-load-optim to keep weights, LR schedule and data "
+            "position and start the optimizer states fresh"
+        )
+
+
 def load_checkpoint(
     root: str,
     chunks,
@@ -259,6 +278,7 @@ def load_checkpoint(
     model_sd = _model_sharded_state_dict(chunks)
     sd = dict(model_sd)
     if load_optimizer and optimizer is not None:
+        _check_optimizer_kind(path, optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIM_META
         )
@@ -277,6 +297,9 @@ def load_checkpoint(
     if load_optimizer and optimizer is not None:
         _align_param_groups(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
+    elif optimizer is not None:
+        # fp32 main copies were made from the initial weights when the optimizer was built
+        optimizer.reload_model_params()
     if scheduler is not None:
         scheduler.load_state_dict(common["scheduler"])
     if same_layout:

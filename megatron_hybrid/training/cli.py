@@ -59,6 +59,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--data-cache-path": ("data.cache_dir", str),
     "--save": ("train.save", str),
     "--load": ("train.load", str),
+    "--no-load-optim": ("train.no_load_optim", True),
     "--save-interval": ("train.save_interval", int),
     "--ckpt-format": ("train.ckpt_format", str),
     "--log-interval": ("train.log_interval", int),

@@ -115,6 +115,10 @@ class TrainConfig:
     """Checkpoint directory (``<save>/iter_0000100/``)."""
     load: str | None = None
     """Resume from this directory's latest checkpoint (if any)."""
+    no_load_optim: bool = False
+    """With ``load``: take weights, LR schedule, iteration and data position from the checkpoint
+    but start the optimizer states (Adam moments) fresh, e.g. to switch the distributed
+    optimizer on or off (Megatron's --no-load-optim)."""
     save_interval: int | None = None
     """Save every N steps (and at the end when ``save`` is set)."""
     ckpt_format: str = "torch_dist"

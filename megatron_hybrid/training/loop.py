@@ -114,7 +114,13 @@ class Trainer:
         self.iteration, self.consumed = 0, 0
         self.skipped = self.nan_total = self.nan_consecutive = 0
         if t.load:
-            st = ckpt.load_checkpoint(t.load, self.chunks, self.optimizer, self.scheduler)
+            st = ckpt.load_checkpoint(
+                t.load,
+                self.chunks,
+                self.optimizer,
+                self.scheduler,
+                load_optimizer=not t.no_load_optim,
+            )
             if st is not None:
                 self.iteration = st["iteration"]
                 self.consumed = st["consumed_samples"]

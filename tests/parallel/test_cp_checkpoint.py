@@ -74,3 +74,9 @@ def test_dp2_distributed_optimizer_resumes_exactly_and_loads_at_one_rank(tmp_pat
     ckpt = save_then_resume(tmp_path, DP2_DISTOPT, 2, uninterrupted)
     one_rank, _ = train(["--load", ckpt, *DP2_DISTOPT], nproc=1)
     assert_continues_like(one_rank, uninterrupted)
+    # the plain optimizer cannot read distributed-optimizer states: a clear refusal, and
+    # --no-load-optim takes the weights (iteration 4's loss is computed before any update)
+    proc = run_python(train_cmd(*TINY_MOCK, *ITERS, "--load", ckpt), timeout=300)
+    assert proc.returncode != 0 and "--no-load-optim" in proc.stdout + proc.stderr
+    fresh, _ = train(["--load", ckpt, "--no-load-optim"], nproc=1)
+    assert fresh[4][0] == pytest.approx(uninterrupted[4][0], rel=REL)
