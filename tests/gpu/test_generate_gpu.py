@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import run_python
-from tests.inference.test_generate import PROMPTS, _generated, _hf_model, _ok
+from tests.inference.test_generate import PROMPTS, _generated, _hf_model, _ok, hf_greedy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -32,13 +32,7 @@ def test_gpu_greedy_equals_transformers(tmp_path, layout):
     proc = _ok(run_python(args))
     assert "(cuda, float32)" in proc.stdout
     for p, mine in zip(PROMPTS, _generated(proc.stdout)):
-        prompt = torch.tensor([[int(t) for t in p.split(",")]])
-        with torch.no_grad():
-            out = hf.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                do_sample=False, pad_token_id=hf.config.pad_token_id, eos_token_id=None,
-            )  # fmt: skip
-        assert mine == out[0, prompt.shape[1] :].tolist(), p
+        assert mine == hf_greedy(hf, p, new), p
     # bf16 (the dtype checkpoints are trained in) runs too and starts the same way
     bf16 = _ok(run_python([a if a != "fp32" else "bf16" for a in args]))
     agree = [

@@ -77,6 +77,17 @@ def converted(request, tmp_path_factory):
 PROMPTS = ["5,9,14,200,31,7,77,402,3,18,99,250", "300", "11,12,13,14,15,16,17,18"]
 
 
+def hf_greedy(hf, prompt_ids: str, new: int, eos=None) -> list[int]:
+    """transformers' greedy ``generate`` (its cached decode path) of comma-separated ids."""
+    prompt = torch.tensor([[int(t) for t in prompt_ids.split(",")]])
+    with torch.no_grad():
+        out = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+            do_sample=False, pad_token_id=hf.config.pad_token_id, eos_token_id=eos,
+        )  # fmt: skip
+    return out[0, prompt.shape[1] :].tolist()
+
+
 def test_greedy_equals_transformers_generate(converted):
     hf, ckpt, _, _ = converted
     new = 24
@@ -87,13 +98,7 @@ def test_greedy_equals_transformers_generate(converted):
     ours = _generated(proc.stdout)
     assert len(ours) == len(PROMPTS)
     for p, mine in zip(PROMPTS, ours):
-        prompt = torch.tensor([[int(t) for t in p.split(",")]])
-        with torch.no_grad():
-            out = hf.generate(
-                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                do_sample=False, pad_token_id=hf.config.pad_token_id, eos_token_id=None,
-            )  # fmt: skip
-        theirs = out[0, prompt.shape[1] :].tolist()
+        theirs = hf_greedy(hf, p, new)
         assert mine == theirs, f"prompt {p}: ours {mine} vs transformers {theirs}"
         # the comparison is meaningful: the model does not just repeat one token
         assert len(set(theirs)) > 3
@@ -113,13 +118,7 @@ def test_stops_at_eos_and_sampling_is_seeded(converted):
     else:
         assert stopped == greedy
     # and transformers stops at the same place
-    prompt = torch.tensor([[5, 9, 14]])
-    with torch.no_grad():
-        out = hf.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
-            pad_token_id=hf.config.pad_token_id, eos_token_id=eos,
-        )  # fmt: skip
-    assert out[0, 3:].tolist()[: len(stopped)] == stopped
+    assert hf_greedy(hf, "5,9,14", 40, eos=eos)[: len(stopped)] == stopped
     sample = [*base, "30", "--ignore-eos", "--temperature", "1.5", "--top-p", "0.95", "--top-k"]
     a = _ok(run_python([*sample, "50", "--seed", "3"])).stdout
     b = _ok(run_python([*sample, "50", "--seed", "3", "--prompt-ids", "1,2"])).stdout
