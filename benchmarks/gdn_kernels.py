@@ -14,12 +14,18 @@ Also reports the bf16 forward error of ours and fla against a float32 reference 
 PyTorch implementation) at one shape, and (``--breakdown``) our per-kernel CUDA times.
 
     python benchmarks/gdn_kernels.py --out gdn_bench.json
+
+``--sweep "cfg1;cfg2;..."`` instead times our kernels under several ``GDN_TRITON_CFG`` settings
+(block sizes / warps / prefetch, see ``triton_chunk._Config``) at the first selected shape:
+fwd, fwd+bwd, per-kernel CUDA times and a bf16 fwd+bwd error check against the float32 chunked
+PyTorch reference, one row per setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -140,18 +146,96 @@ def kernel_breakdown(shape) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def grad_errors(shape, seed=2) -> dict:
+    """bf16 fwd+bwd of ours vs the float32 chunked PyTorch reference: relative L2 errors of o and
+    every gradient (NaN shows up as nan)."""
+    x32 = make_inputs(*shape, dtype=torch.float32, seed=seed)
+    res = {}
+    outs = []
+    for impl, dt in ((chunk_gated_delta_rule_torch, torch.float32),
+                     (chunk_gated_delta_rule_triton, torch.bfloat16)):  # fmt: skip
+        leaves = {n: (t if n == "g" else t.to(dt)).detach().requires_grad_(True)
+                  for n, t in x32.items()}  # fmt: skip
+        o, _ = impl(**leaves, use_qk_l2norm_in_kernel=True)
+        gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+        do = torch.randn(o.shape, generator=gen, device="cuda")
+        grads = torch.autograd.grad((o.float() * do).sum(), list(leaves.values()))
+        outs.append(
+            {"o": o.detach().float(), **{f"d{n}": g.float() for n, g in zip(leaves, grads)}}
+        )
+    for name, ref in outs[0].items():
+        res[name] = ((outs[1][name] - ref).norm() / ref.norm()).item()
+    return res
+
+
+def sweep(configs: list[str], shape_idx: str, out_path: str) -> None:
+    """Each setting in its own process: a setting that crashes (an illegal address leaves the
+    CUDA context unusable) costs only its own row."""
+    import subprocess
+
+    rows = []
+    for i, cfg in enumerate(configs):
+        part = f"{out_path}.{i}"
+        cmd = [sys.executable, __file__, "--no-fla", "--shapes", shape_idx, "--out", part,
+               "--sweep-one", cfg]  # fmt: skip
+        try:
+            rc = subprocess.run(cmd, timeout=180).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc != 0:
+            print(f"[{cfg or 'default'}] FAILED (exit {rc})", flush=True)
+            rows.append(dict(cfg=cfg, error=f"exit {rc}"))
+        else:
+            rows.append(json.loads(Path(part).read_text()))
+        Path(out_path).write_text(json.dumps(dict(shape_idx=shape_idx, rows=rows), indent=2))
+
+
+def sweep_one(cfg: str, shape, out_path: str) -> None:
+    os.environ["GDN_TRITON_CFG"] = cfg
+    t0 = time.time()
+    # smoke first: one chunk per sequence, and a short fwd+bwd against the float32 reference
+    small = grad_errors((2, 64) + tuple(shape[2:]))
+    err = grad_errors((1, 2048) + tuple(shape[2:]))
+    x = make_inputs(*shape)
+    leaves = [t.requires_grad_(True) for t in x.values()]
+    fn = gdn_fn(chunk_gated_delta_rule_triton)
+    fn(x).sum().backward()
+    torch.cuda.synchronize()
+    warm = time.time() - t0
+    fwd = bench(fn, x, leaves, backward=False)
+    fwdbwd = bench(fn, x, leaves, backward=True)
+    del x, leaves
+    bd = kernel_breakdown(shape)
+    row = dict(cfg=cfg, fwd_ms=fwd, fwd_bwd_ms=fwdbwd, breakdown_ms=bd, errors=err,
+               errors_T64=small, first_call_s=warm)  # fmt: skip
+    Path(out_path).write_text(json.dumps(row, indent=2))
+    kern = " ".join(f"{k.strip('_').removesuffix('_kernel')}={t:.2f}"
+                    for k, t in bd.items() if k.startswith("_"))  # fmt: skip
+    worst = max(max(err.values()), max(small.values()))
+    print(f"[{cfg or 'default'}] fwd {fwd:.2f} fwd+bwd {fwdbwd:.2f} ms (warm-up {warm:.0f}s) "
+          f"max bf16 rel err {worst:.1e} | {kern}", flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
+    ap.add_argument("--sweep", help="';'-separated GDN_TRITON_CFG settings to compare")
+    ap.add_argument("--sweep-one", help=argparse.SUPPRESS)  # one setting (a --sweep child)
     args = ap.parse_args()
 
     import triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.sweep_one is not None:
+        sweep_one(args.sweep_one, shapes[0], args.out)
+        return
+    if args.sweep is not None:
+        sweep(args.sweep.split(";"), args.shapes.split(",")[0].replace("all", "0"), args.out)
+        return
     fla_gdn = None if args.no_fla else load_fla()
     impls = {"ours": gdn_fn(chunk_gated_delta_rule_triton)}
     if fla_gdn is not None:

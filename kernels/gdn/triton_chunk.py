@@ -128,7 +128,9 @@ def _tok_ptrs(ptr, tok0, n, h, d0, H: tl.constexpr, D: tl.constexpr, C: tl.const
     """Pointers and mask of a [C, BD] tile of a token-major [T, H, D] tensor."""
     t_C = tl.arange(0, C)
     d_D = d0 + tl.arange(0, BD)
-    ptrs = ptr + ((tok0 + t_C[:, None]).to(tl.int64) * H + h) * D + d_D[None, :]
+    # a 64-bit scalar base and 32-bit tile offsets: 64-bit offset tiles cost twice the registers
+    base = ptr + (tok0.to(tl.int64) * H + h) * D
+    ptrs = base + (t_C[:, None] * (H * D) + d_D[None, :])
     mask = (t_C[:, None] < n) & (d_D[None, :] < D)
     return ptrs, mask
 
@@ -189,36 +191,57 @@ def _decay_CC(G_C, C: tl.constexpr, STRICT: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A_CC, C: tl.constexpr, LOWP: tl.constexpr):
-    """(I + A)^-1 for a strictly lower-triangular [C, C] A (C = 64), in float32.
+def _unit_lower_inverse(A_CC, C: tl.constexpr, LOG2C: tl.constexpr, LOWP: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [C, C] A (C = 2^LOG2C), in float32.
 
-    1. The four 16 x 16 diagonal blocks: forward substitution, all blocks at once on a
-       [4, 16, 16] tensor, X[i, :] = e_i - sum_{j < i} A[i, j] X[j, :] (15 steps).
-    2. With Ad the block-diagonal part, Ao = A - Ad and N = (I + Ad)^-1 Ao (strictly block-lower,
-       so N^4 = 0): I + A = (I + Ad)(I + N), hence (I + A)^-1 = (I - N)(I + N^2)(I + Ad)^-1.
+    Recursive doubling of the block size: if X is the inverse of the block-diagonal part of
+    I + A with blocks of size s, then for every pair of neighbouring blocks merged into one of
+    size 2s, [[I + A11, 0], [A21, I + A22]]^-1 = [[X1, 0], [-X2 A21 X1, X2]], i.e.
+    X' = X - X Aoff X with Aoff = A restricted to the lower-left s x s quadrant of each 2s block.
+    Exact block forward substitution (no power series, so no cancellation between large terms),
+    all on 2-D [C, C] tiles with tensor-core dots: 2 (LOG2C - 1) products for C = 64.
     """
-    NB: tl.constexpr = C // 16
-    b_B = tl.arange(0, NB)
-    r_16 = tl.arange(0, 16)
-    same_4 = b_B[:, None, None, None] == b_B[None, None, :, None]  # [NB, 1, NB, 1] block b == c
-    # A4[b, i, c, j] = A[16 b + i, 16 c + j]; Ad3[b] = diagonal block b
-    A4 = tl.reshape(A_CC, [NB, 16, NB, 16])
-    Ad3 = _sum(tl.where(same_4, A4, 0.0), axis=2)
-    row_3 = r_16[None, :, None]
-    X3 = tl.where(row_3 == r_16[None, None, :], 1.0, 0.0) + tl.full([NB, 16, 16], 0.0, tl.float32)
-    for i in range(1, 16):
-        a_B16 = _sum(tl.where(row_3 == i, Ad3, 0.0), axis=1)  # row i of each block
-        s_B16 = _sum(a_B16[:, :, None] * X3, axis=1)  # sum_j A[i, j] X[j, :]
-        X3 = X3 - tl.where(row_3 == i, s_B16[:, None, :], 0.0)
-    Inv_d = tl.reshape(tl.where(same_4, X3[:, :, None, :], 0.0), [C, C])  # block-diagonal
-    r_C = tl.arange(0, C)
-    block_lower = (r_C[:, None] // 16) > (r_C[None, :] // 16)
-    N_CC = _dot_f32(Inv_d, tl.where(block_lower, A_CC, 0.0), LOWP)
-    N2_CC = _dot_f32(N_CC, N_CC, LOWP)
-    eye = tl.where(r_C[:, None] == r_C[None, :], 1.0, 0.0)
-    P_CC = eye - N_CC
-    P_CC = P_CC + _dot_f32(P_CC, N2_CC, LOWP)  # (I - N)(I + N^2)
-    return _dot_f32(P_CC, Inv_d, LOWP)
+    r_C = tl.arange(0, C)[:, None]
+    c_C = tl.arange(0, C)[None, :]
+    # block size 1 -> 2 needs no product: X = I - A on the first sub-diagonal of each 2-block
+    X = tl.where(r_C == c_C, 1.0, 0.0) - tl.where((r_C // 2 == c_C // 2) & (r_C > c_C), A_CC, 0.0)
+    for lvl in tl.static_range(1, LOG2C):
+        s = 2**lvl  # constexpr: the loop is unrolled
+        quad = (r_C // s == c_C // s + 1) & ((c_C // s) % 2 == 0)
+        X = X - _dot_f32(X, _dot_f32(tl.where(quad, A_CC, 0.0), X, LOWP), LOWP)
+    return X
+
+
+@triton.jit
+def _l2norm_fwd_kernel(x_ptr, y_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
+    """y = x * rsqrt(sum(x^2) + 1e-6) over the last dim of R rows (float32 maths, y in y's
+    dtype: the chunk kernels read it as a matmul operand, so 16-bit inputs stay 16-bit)."""
+    r0 = tl.program_id(0).to(tl.int64) * BR
+    r_R = tl.arange(0, BR)
+    d_D = tl.arange(0, DP)
+    offs = r0 * D + (r_R[:, None] * D + d_D[None, :])
+    mask = (r0 + r_R[:, None] < R) & (d_D[None, :] < D)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(_sum(x * x, 1) + 1e-6)
+    tl.store(y_ptr + offs, (x * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _l2norm_bwd_kernel(
+    x_ptr, dy_ptr, dx_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr
+):
+    """dx = rstd (dy - y (dy . y)) with y = x rstd, rstd recomputed from x in float32."""
+    r0 = tl.program_id(0).to(tl.int64) * BR
+    r_R = tl.arange(0, BR)
+    d_D = tl.arange(0, DP)
+    offs = r0 * D + (r_R[:, None] * D + d_D[None, :])
+    mask = (r0 + r_R[:, None] < R) & (d_D[None, :] < D)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(_sum(x * x, 1) + 1e-6)
+    y = x * rstd[:, None]
+    dx = rstd[:, None] * (dy - y * _sum(dy * y, 1)[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +252,15 @@ def _unit_lower_inverse(A_CC, C: tl.constexpr, LOWP: tl.constexpr):
 @triton.jit
 def _fwd_prep_kernel(
     k_ptr, v_ptr, g_ptr, beta_ptr,  # inputs, token-major
-    G_ptr, Tinv_ptr, W_ptr, U_ptr,  # outputs, chunk-major float32
+    G_ptr, Tinv_ptr, W_ptr, U_ptr, Q_ptr,  # chunk-major outputs (G, Tinv: in if HAVE_TINV)
     chunk_tok0_ptr, chunk_len_ptr,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAVE_TINV: tl.constexpr, STORE_Q: tl.constexpr,
+    LOWP: tl.constexpr,
 ):  # fmt: skip
-    """Chunk-local prep: G = cumsum(g), Tinv = (I + A)^-1, W = Tinv beta Gam k, U = Tinv beta v."""
+    """Chunk-local prep: G = cumsum(g), Tinv = (I + A)^-1, W = Tinv beta Gam k, U = Tinv beta v.
+    With HAVE_TINV (the backward's recompute) G and Tinv are read back from the forward. With
+    STORE_Q also Q = W^T (k gam / Gam) [K, K] for the reverse state pass (into Q_ptr)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     tok0 = tl.load(chunk_tok0_ptr + c)
@@ -242,27 +268,40 @@ def _fwd_prep_kernel(
     t_C = tl.arange(0, C)
 
     g_ptrs, row_mask = _tok_vec_ptrs(g_ptr, tok0, n, h, H, C)
-    g_C = tl.load(g_ptrs, mask=row_mask, other=0.0).to(tl.float32)
     b_ptrs, _ = _tok_vec_ptrs(beta_ptr, tok0, n, h, H, C)
     b_C = tl.load(b_ptrs, mask=row_mask, other=0.0).to(tl.float32)
-    G_C = _cumsum(g_C, axis=0)  # padding rows (g = 0) repeat G of the last real token
-    tl.store(G_ptr + (c.to(tl.int64) * H + h) * C + t_C, G_C)
-
-    KK_CC = tl.full([C, C], 0.0, tl.float32)
-    for k0 in range(0, K, BK):
-        k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
-        KK_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
-    A_CC = b_C[:, None] * KK_CC * _decay_CC(G_C, C, True)
-    Tinv_CC = _unit_lower_inverse(A_CC, C, LOWP)
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
-    tl.store(T_ptrs, Tinv_CC.to(T_ptrs.dtype.element_ty), mask=T_mask)
+    if HAVE_TINV:
+        G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
+        # stored in the buffer dtype, which is what _dot rounds Tinv to anyway: W and U come
+        # out bitwise equal to the forward's
+        Tinv_CC = tl.load(T_ptrs, mask=T_mask, other=0.0).to(tl.float32)
+    else:
+        g_C = tl.load(g_ptrs, mask=row_mask, other=0.0).to(tl.float32)
+        G_C = _cumsum(g_C, axis=0)  # padding rows (g = 0) repeat G of the last real token
+        tl.store(G_ptr + (c.to(tl.int64) * H + h) * C + t_C, G_C)
+        KK_CC = tl.full([C, C], 0.0, tl.float32)
+        for k0 in range(0, K, BK):
+            k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
+            KK_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
+        A_CC = b_C[:, None] * KK_CC * _decay_CC(G_C, C, True)
+        Tinv_CC = _unit_lower_inverse(A_CC, C, LOG2C, LOWP)
+        tl.store(T_ptrs, Tinv_CC.to(T_ptrs.dtype.element_ty), mask=T_mask)
 
     bGam_C = b_C * tl.exp(G_C)
+    tail_C = tl.exp(_sum(tl.where(t_C == C - 1, G_C, 0.0), axis=0) - G_C)  # gam / Gam
     for k0 in range(0, K, BK):
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         w_CK = _dot(Tinv_CC, k_CK * bGam_C[:, None], LOWP)
         w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, k0, H, K, C, BK)
         tl.store(w_ptrs, w_CK.to(w_ptrs.dtype.element_ty), mask=w_mask)
+        if STORE_Q:
+            # (_dot rounds W like its store above: Q is built from the W the passes use)
+            for j0 in range(0, K, BK):
+                kdec_CK = _load_tok(k_ptr, tok0, n, h, j0, H, K, C, BK) * tail_C[:, None]
+                Q_KK = _dot(tl.trans(w_CK), kdec_CK, LOWP)
+                Q_ptrs, Q_mask = _state_ptrs(Q_ptr, c, h, k0, j0, H, K, K, BK, BK)
+                tl.store(Q_ptrs, Q_KK.to(Q_ptrs.dtype.element_ty), mask=Q_mask)
     for v0 in range(0, V, BV):
         v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
         U_CV = _dot(Tinv_CC, v_CV * b_C[:, None], LOWP)
@@ -271,8 +310,47 @@ def _fwd_prep_kernel(
 
 
 @triton.jit
-def _fwd_state_chunk(
-    S_KV, c, tok0, n, h, v0, k_ptr, G_ptr, W_ptr, U_ptr, states_ptr,
+def _load_tok_raw(ptr, tok0, n, h, d0, ok, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                  BD: tl.constexpr):  # fmt: skip
+    """A [C, BD] token tile in its stored dtype (prefetched tiles: half the registers for
+    16-bit inputs), all zeros when not ok."""
+    ptrs, mask = _tok_ptrs(ptr, tok0, n, h, d0, H, D, C, BD)
+    return tl.load(ptrs, mask=mask & ok, other=0.0)
+
+
+@triton.jit
+def _load_G(G_ptr, c, h, ok, H: tl.constexpr, C: tl.constexpr):
+    """G of chunk c (zeros when not ok) and its last entry."""
+    t_C = tl.arange(0, C)
+    base = G_ptr + (c.to(tl.int64) * H + h) * C
+    G_C = tl.load(base + t_C, mask=ok & (t_C < C), other=0.0)
+    G_last = tl.load(base + C - 1, mask=ok, other=0.0)
+    return G_C, G_last
+
+
+# The state passes are a serial chain over chunks with little arithmetic per step, so they are
+# bound by memory latency. Each iteration first issues the loads of the next chunk (a manual
+# one-chunk prefetch into registers, masked off past the end) and then does the current chunk's
+# maths, whose own inputs were loaded one iteration earlier. (Triton's software pipeliner needs
+# a `for` loop and gave NaN in this kernel's backward in bf16, see docs/kernels.md.)
+
+
+@triton.jit
+def _fwd_state_load(c, tok0, n, h, v0, ok, k_ptr, G_ptr, W_ptr, U_ptr,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                    KP: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+    w_CK = tl.load(w_ptrs, mask=w_mask & ok, other=0.0)
+    U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+    U_CV = tl.load(U_ptrs, mask=U_mask & ok, other=0.0)
+    k_CK = _load_tok_raw(k_ptr, tok0, n, h, 0, ok, H, K, C, KP)
+    G_C, G_last = _load_G(G_ptr, c, h, ok, H, C)
+    return w_CK, U_CV, k_CK, G_C, G_last
+
+
+@triton.jit
+def _fwd_state_step(
+    S_KV, c, h, v0, w_CK, U_CV, k_CK, G_C, G_last, U_ptr, states_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
@@ -280,17 +358,10 @@ def _fwd_state_chunk(
     S_mask = (tl.arange(0, KP)[:, None] < K) & (v0 + tl.arange(0, BV)[None, :] < V)
     st_ptrs, _ = _state_ptrs(states_ptr, c, h, 0, v0, H, K, V, KP, BV)
     tl.store(st_ptrs, S_KV.to(st_ptrs.dtype.element_ty), mask=S_mask)
-
-    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
-    w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    u_CV = U_CV.to(tl.float32) - _dot(w_CK, S_KV, LOWP)
     u_ptrs, u_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-    u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32) - _dot(w_CK, S_KV, LOWP)
     tl.store(u_ptrs, u_CV.to(u_ptrs.dtype.element_ty), mask=u_mask)
-
-    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
-    G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
-    k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
-    kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+    kdec_CK = k_CK.to(tl.float32) * tl.exp(G_last - G_C)[:, None]
     return S_KV * tl.exp(G_last) + _dot(tl.trans(kdec_CK), u_CV, LOWP)
 
 
@@ -300,7 +371,8 @@ def _fwd_state_kernel(
     h0_ptr, states_ptr, ht_ptr,
     seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, PREFETCH: tl.constexpr,
+    LOWP: tl.constexpr,
 ):  # fmt: skip
     """Inter-chunk recurrence for one V-slice of one sequence and head (sequential over chunks).
     Writes the state entering every chunk, u = U - W S in place of U, and the final state."""
@@ -317,15 +389,31 @@ def _fwd_state_kernel(
         S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         S_KV = tl.full([KP, BV], 0.0, tl.float32)
-    # A while loop over the chunks: Triton's interpreter cannot range() over a loaded bound, and
-    # a software-pipelined for loop measured no faster here (and gave NaN dS in the backward
-    # pass with 2+ stages on the H200, see docs/kernels.md).
+    if PREFETCH:
+        w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
+            c0, bos, tl.minimum(L, C), h, v0, nc > 0,
+            k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
+        )  # fmt: skip
+    # a while loop: Triton's interpreter cannot range() over a loaded bound
     i = nc * 0
     while i < nc:
-        S_KV = _fwd_state_chunk(
-            S_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
-            k_ptr, G_ptr, W_ptr, U_ptr, states_ptr, H, K, V, C, KP, BV, LOWP,
+        if PREFETCH:
+            j = i + 1
+            w_nx, U_nx, k_nx, G_nx, Gl_nx = _fwd_state_load(
+                c0 + j, bos + j * C, tl.minimum(L - j * C, C), h, v0, j < nc,
+                k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
+            )  # fmt: skip
+        else:
+            w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
+                c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0, i < nc,
+                k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
+            )  # fmt: skip
+        S_KV = _fwd_state_step(
+            S_KV, c0 + i, h, v0, w_CK, U_CV, k_CK, G_C, G_last, U_ptr, states_ptr,
+            H, K, V, C, KP, BV, LOWP,
         )  # fmt: skip
+        if PREFETCH:
+            w_CK, U_CV, k_CK, G_C, G_last = w_nx, U_nx, k_nx, G_nx, Gl_nx
         i += 1
     ht_ptrs, _ = _state_ptrs(ht_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(ht_ptrs, S_KV, mask=S_mask)
@@ -368,29 +456,57 @@ def _fwd_output_kernel(
 
 
 @triton.jit
-def _bwd_state_chunk(
-    dS_KV, c, tok0, n, h, v0, q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
+def _bwd_state_load(c, tok0, n, h, v0, ok, q_ptr, k_ptr, G_ptr, W_ptr, do_ptr,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                    KP: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    q_CK = _load_tok_raw(q_ptr, tok0, n, h, 0, ok, H, K, C, KP)
+    k_CK = _load_tok_raw(k_ptr, tok0, n, h, 0, ok, H, K, C, KP)
+    do_CV = _load_tok_raw(do_ptr, tok0, n, h, v0, ok, H, V, C, BV)
+    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+    w_CK = tl.load(w_ptrs, mask=w_mask & ok, other=0.0)
+    G_C, G_last = _load_G(G_ptr, c, h, ok, H, C)
+    return q_CK, k_CK, do_CV, w_CK, G_C, G_last
+
+
+@triton.jit
+def _bwd_state_step(
+    dS_KV, c, h, v0, q_CK, k_CK, do_CV, w_CK, G_C, G_last, dstates_ptr, du_ptr, Q_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, USE_Q: tl.constexpr, STORE_DU: tl.constexpr,
+    LOWP: tl.constexpr,
 ):  # fmt: skip
-    """One chunk of the reverse state pass: store dS', du; return dS of the entering state."""
+    """One chunk of the reverse state pass: store dS' (and du unless USE_Q); return dS of the
+    entering state."""
     S_mask = (tl.arange(0, KP)[:, None] < K) & (v0 + tl.arange(0, BV)[None, :] < V)
     dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
     tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
 
-    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
-    G_last = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
-    q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP) * scale
-    k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
-    do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
+    q_CK = q_CK.to(tl.float32) * scale
+    k_CK = k_CK.to(tl.float32)
     M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
+    if USE_Q:
+        # dS = gam dS' - Q dS' + (Gam q)^T do - W^T (M^T do) with Q = W^T (k gam / Gam) from
+        # the prep: only Q dS' depends on the previous step, so the serial chain is one
+        # product instead of two (du is formed later by the chunk kernel)
+        Q_ptrs, Q_mask = _state_ptrs(Q_ptr, c, h, 0, 0, H, K, K, KP, KP)
+        Q_KK = tl.load(Q_ptrs, mask=Q_mask, other=0.0)
+        Mdo_CV = _dot(tl.trans(M_CC), do_CV, LOWP)
+        if STORE_DU:  # du off the chain here, or later in the chunk kernel
+            du_CV = Mdo_CV + _dot(k_CK * tl.exp(G_last - G_C)[:, None], dS_KV, LOWP)
+            du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+            tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
+        qdec_CK = q_CK * tl.exp(G_C)[:, None]
+        return (
+            dS_KV * tl.exp(G_last)
+            - _dot(Q_KK, dS_KV, LOWP)
+            + _dot(tl.trans(qdec_CK), do_CV, LOWP)
+            - _dot(tl.trans(w_CK), Mdo_CV, LOWP)
+        )
     kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
     du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
     du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
     tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
 
-    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
-    w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
     qdec_CK = q_CK * tl.exp(G_C)[:, None]
     return (
         dS_KV * tl.exp(G_last)
@@ -401,11 +517,12 @@ def _bwd_state_chunk(
 
 @triton.jit
 def _bwd_state_kernel(
-    q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dht_ptr,
+    q_ptr, k_ptr, G_ptr, W_ptr, Q_ptr, do_ptr, dht_ptr,
     dstates_ptr, du_ptr, dh0_ptr,
     seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, USE_Q: tl.constexpr,
+    STORE_DU: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
     """Reverse inter-chunk pass for one V-slice of one sequence and head. Writes dS' (gradient of
     the state leaving each chunk), du, and the gradient of the initial state."""
@@ -422,12 +539,17 @@ def _bwd_state_kernel(
         dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         dS_KV = tl.full([KP, BV], 0.0, tl.float32)
-    i = nc - 1  # (a while loop, as in the forward pass)
+    # (no prefetch here: the same one-chunk register prefetch as in the forward pass faulted
+    # with an illegal address on the H200, see docs/kernels.md)
+    i = nc - 1
     while i >= 0:
-        dS_KV = _bwd_state_chunk(
-            dS_KV, c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0,
-            q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dstates_ptr, du_ptr, scale,
-            H, K, V, C, KP, BV, LOWP,
+        q_CK, k_CK, do_CV, w_CK, G_C, G_last = _bwd_state_load(
+            c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0, i >= 0,
+            q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, H, K, V, C, KP, BV,
+        )  # fmt: skip
+        dS_KV = _bwd_state_step(
+            dS_KV, c0 + i, h, v0, q_CK, k_CK, do_CV, w_CK, G_C, G_last, dstates_ptr, du_ptr,
+            Q_ptr, scale, H, K, V, C, KP, BV, USE_Q, STORE_DU, LOWP,
         )  # fmt: skip
         i -= 1
     dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
@@ -441,11 +563,13 @@ def _bwd_chunk_kernel(
     dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,  # outputs, token-major
     chunk_tok0_ptr, chunk_len_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DU_FROM_DS: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
-    """All input gradients of one chunk and head (chunk-local, given du, S and dS').
+    """All input gradients of one chunk and head (chunk-local, given S, dS' and du).
 
-    du_ptr is overwritten with dU' = Tinv^T du (read back in the K-block loop)."""
+    With DU_FROM_DS the reverse state pass did not write du: it is formed here,
+    du = ((q k^T) * D)^T do + (k gam / Gam) dS'. du_ptr is overwritten with dU' = Tinv^T du
+    (read back in the K-block loop)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     tok0 = tl.load(chunk_tok0_ptr + c)
@@ -473,13 +597,21 @@ def _bwd_chunk_kernel(
     dM_CC = tl.full([C, C], 0.0, tl.float32)
     dA_CC = tl.full([C, C], 0.0, tl.float32)
     db_C = tl.full([C], 0.0, tl.float32)
+    D_CC = _decay_CC(G_C, C, False)
     for v0 in range(0, V, BV):
         do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
         v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
         u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
         u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0)
         du_ptrs, _ = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
-        du_CV = tl.load(du_ptrs, mask=u_mask, other=0.0)
+        if DU_FROM_DS:
+            du_CV = _dot(tl.trans(qk_CC * D_CC), do_CV, LOWP)
+            for k0 in range(0, K, BK):
+                kdec_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK) * tail_C[:, None]
+                dS_ptrs, dS_mask = _state_ptrs(dstates_ptr, c, h, k0, v0, H, K, V, BK, BV)
+                du_CV += _dot(kdec_CK, tl.load(dS_ptrs, mask=dS_mask, other=0.0), LOWP)
+        else:
+            du_CV = tl.load(du_ptrs, mask=u_mask, other=0.0)
         dUp_CV = _dot(tl.trans(Tinv_CC), du_CV, LOWP)
         tl.store(du_ptrs, dUp_CV.to(du_ptrs.dtype.element_ty), mask=u_mask)
         _store_tok(dv_ptr, dUp_CV * b_C[:, None], tok0, n, h, v0, H, V, C, BV)
@@ -488,7 +620,6 @@ def _bwd_chunk_kernel(
         dA_CC -= _dot(dUp_CV, tl.trans(u_CV), LOWP)
 
     # phase 3: through the decay matrix and A = beta (k k^T) * D
-    D_CC = _decay_CC(G_C, C, False)
     dP_CC = dM_CC * D_CC  # gradient of q k^T
     dA_CC = tl.where(t_C[:, None] > t_C[None, :], dA_CC, 0.0)
     dB_CC = b_C[:, None] * dA_CC * D_CC  # gradient of k k^T
@@ -581,23 +712,79 @@ def _make_layout(offsets: list[int], device: torch.device) -> _Layout:
     return _Layout(*table, *seqs, n_chunks=len(tok0), n_seqs=len(seq_chunk0))
 
 
+_LAYOUTS: dict[tuple, _Layout] = {}
+_LAYOUTS_MAX = 64
+
+
+def _layout(offsets: list[int], device: torch.device) -> _Layout:
+    """_make_layout, cached: training sees the same few packings over and over, and building the
+    tables is a Python loop over chunks plus two host-to-device copies per call."""
+    key = (tuple(offsets), str(device))
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        lay = _LAYOUTS[key] = _make_layout(offsets, device)
+    return lay
+
+
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
 @dataclass
-class _Blocks:
+class _Config:
+    """Block sizes and warps per kernel. The defaults were picked by the sweep in
+    ``benchmarks/gdn_kernels.py --sweep`` on the H200 (see docs/kernels.md); any field can be
+    overridden with ``GDN_TRITON_CFG="name=value,..."`` (for tuning runs)."""
+
     KP: int  # K padded (state kernels keep the whole K of a state slice in registers)
     BK: int  # K block of the chunk-parallel kernels
-    BV: int  # V block of the chunk-parallel kernels
-    BV_state: int  # V slice of the sequential state kernels
+    BV: int  # V block of the prep and backward chunk kernels
+    bv_out: int  # V slice of the output kernel
+    bv_fstate: int  # V slice of the forward state pass
+    bv_bstate: int  # V slice of the reverse state pass
+    bk_out: int = 0  # K block of the output kernel (0: BK)
+    w_prep: int = 4
+    w_fstate: int = 4
+    w_out: int = 4
+    w_bstate: int = 8
+    w_bchunk: int = 8
+    pf_fstate: int = 1  # one-chunk register prefetch in the forward state pass
+    qbwd: int = 0  # reverse state pass on Q = W^T (k gam / Gam) from the prep
+    du_state: int = 0  # with qbwd: du formed by the state pass (off its chain), else by bwd chunk
+    stages: int = 3  # num_stages of the chunk-parallel kernels (prep, output, bwd chunk)
 
 
-def _blocks(K: int, V: int) -> _Blocks:
+def _config(K: int, V: int, LOWP: int) -> _Config:
     KP, VP = _pow2(K), _pow2(V)
-    BV_state = 64 if KP <= 64 else (32 if KP <= 128 else 16)
-    BV_state = int(os.environ.get("GDN_TRITON_BV_STATE", BV_state))
-    return _Blocks(KP=KP, BK=min(KP, 64), BV=min(VP, 64), BV_state=min(BV_state, VP))
+    if KP <= 128:
+        cfg = _Config(
+            KP=KP, BK=min(KP, 64), BV=min(VP, 64), bv_out=min(VP, 128),
+            bv_fstate=min(VP, 64), bv_bstate=min(VP, 64), w_fstate=8, w_out=8, qbwd=1,
+            du_state=1,
+        )  # fmt: skip
+        # the output kernel is cheaper on exact 32-wide K blocks than on 64-wide padded ones
+        # (K = 96: 0.70 vs 1.07 ms at 4 x 8192 x 30 heads)
+        cfg.bk_out = min(32, KP) if K % 64 else cfg.BK
+    else:  # K > 128: [K, K] tiles of Q and [K, 64] state slices would not fit in registers
+        cfg = _Config(
+            KP=KP, BK=64, BV=min(VP, 64), bv_out=min(VP, 64), bv_fstate=16, bv_bstate=16,
+            w_out=8, pf_fstate=0, qbwd=0,
+        )  # fmt: skip
+    if LOWP == _DOT_F32:
+        # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch
+        # (the float32 path is for checking, not speed)
+        cfg.w_prep = cfg.w_fstate = cfg.w_out = cfg.w_bstate = cfg.w_bchunk = 8
+        cfg.pf_fstate = cfg.bk_out = 0
+    for item in filter(None, os.environ.get("GDN_TRITON_CFG", "").split(",")):
+        name, value = (x.strip() for x in item.split("="))
+        if not hasattr(cfg, name):
+            raise ValueError(f"GDN_TRITON_CFG: unknown setting {name!r}")
+        if LOWP == _DOT_F32 and name.startswith(("w_", "pf_")):
+            continue  # the float32 path keeps its warps and prefetch
+        setattr(cfg, name, int(value))
+    return cfg
 
 
 def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
@@ -607,106 +794,159 @@ def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
     return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
 
 
-def _recompute_forward(q, k, v, g, beta, h0, scale, lay: _Layout, blk: _Blocks, LOWP: int):
-    """Prep + state pass. Returns (G, Tinv, W, u, states, final_state)."""
+def _prep_and_states(
+    k, v, g, beta, h0, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False
+):
+    """Prep + forward state pass. G and Tinv are computed unless given (the backward passes the
+    forward's). Returns (G, Tinv, W, u, states, final_state, Q or None)."""
     T, H, K = k.shape
     V = v.shape[-1]
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
     dev = k.device
     f32 = torch.float32
     idt = _buffer_dtype(k, LOWP)
-    G = torch.empty(NC, H, C, device=dev, dtype=f32)
-    Tinv = torch.empty(NC, H, C, C, device=dev, dtype=idt)
+    have_tinv = Tinv is not None
+    if not have_tinv:
+        G = torch.empty(NC, H, C, device=dev, dtype=f32)
+        Tinv = torch.empty(NC, H, C, C, device=dev, dtype=idt)
     W = torch.empty(NC, H, C, K, device=dev, dtype=idt)
     u = torch.empty(NC, H, C, V, device=dev, dtype=idt)
     states = torch.empty(NC, H, K, V, device=dev, dtype=idt)
     ht = torch.empty(N, H, K, V, device=dev, dtype=f32)
+    Q = torch.empty(NC, H, K, K, device=dev, dtype=idt) if store_q else None
     if NC > 0:
         _fwd_prep_kernel[(NC, H)](
-            k, v, g, beta, G, Tinv, W, u, lay.chunk_tok0, lay.chunk_len,
-            H=H, K=K, V=V, C=C, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=8,
+            k, v, g, beta, G, Tinv, W, u, W if Q is None else Q, lay.chunk_tok0, lay.chunk_len,
+            H=H, K=K, V=V, C=C, LOG2C=CHUNK.bit_length() - 1, BK=cfg.BK, BV=cfg.BV,
+            HAVE_TINV=have_tinv, STORE_Q=store_q, LOWP=LOWP, num_warps=cfg.w_prep,
+            num_stages=cfg.stages,
         )  # fmt: skip
     if N > 0:
-        _fwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
+        _fwd_state_kernel[(triton.cdiv(V, cfg.bv_fstate), N * H)](
             k, G, W, u, h0 if h0 is not None else ht, states, ht,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
-            H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_H0=h0 is not None, LOWP=LOWP,
-            num_warps=4,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_fstate, HAS_H0=h0 is not None,
+            PREFETCH=bool(cfg.pf_fstate), LOWP=LOWP, num_warps=cfg.w_fstate,
         )  # fmt: skip
-    return G, Tinv, W, u, states, ht
+    return G, Tinv, W, u, states, ht, Q
 
 
-def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, out_dtype, LOWP: int):
+def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
+    """Returns (o, final_state, G, Tinv); G and Tinv are kept for the backward."""
     T, H, K = q.shape
     V = v.shape[-1]
-    blk = _blocks(K, V)
-    G, _, _, u, states, ht = _recompute_forward(q, k, v, g, beta, h0, scale, lay, blk, LOWP)
-    o = torch.empty(T, H, V, device=q.device, dtype=out_dtype)
+    cfg = _config(K, V, LOWP)
+    G, Tinv, _, u, states, ht, _ = _prep_and_states(k, v, g, beta, h0, lay, cfg, LOWP)
+    o = torch.empty(T, H, V, device=q.device, dtype=q.dtype)
     if lay.n_chunks > 0:
-        _fwd_output_kernel[(triton.cdiv(V, blk.BV), lay.n_chunks, H)](
+        _fwd_output_kernel[(triton.cdiv(V, cfg.bv_out), lay.n_chunks, H)](
             q, k, G, u, states, o, lay.chunk_tok0, lay.chunk_len, scale,
-            H=H, K=K, V=V, C=CHUNK, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=8,
+            H=H, K=K, V=V, C=CHUNK, BK=cfg.bk_out or cfg.BK, BV=cfg.bv_out, LOWP=LOWP,
+            num_warps=cfg.w_out,
+            num_stages=cfg.stages,
         )  # fmt: skip
-    return o, ht
+    return o, ht, G, Tinv
 
 
-def _backward(q, k, v, g, beta, h0, scale, lay: _Layout, do, dht, LOWP: int):
+def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP: int, dqk_dtype):
     T, H, K = q.shape
     V = v.shape[-1]
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
-    blk = _blocks(K, V)
-    G, Tinv, W, u, states, _ = _recompute_forward(q, k, v, g, beta, h0, scale, lay, blk, LOWP)
+    cfg = _config(K, V, LOWP)
+    use_q = bool(cfg.qbwd)
+    du_in_state = not use_q or bool(cfg.du_state)
+    G, Tinv, W, u, states, _, Q = _prep_and_states(
+        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=use_q
+    )
     dev = q.device
     idt = _buffer_dtype(q, LOWP)
     dstates = torch.empty(NC, H, K, V, device=dev, dtype=idt)
     du = torch.empty(NC, H, C, V, device=dev, dtype=idt)
     dh0 = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dq = torch.empty(q.shape, device=dev, dtype=dqk_dtype)
+    dk = torch.empty(k.shape, device=dev, dtype=dqk_dtype)
     dv = torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
     if N > 0:
-        _bwd_state_kernel[(triton.cdiv(V, blk.BV_state), N * H)](
-            q, k, G, W, do, dht if dht is not None else dh0, dstates, du, dh0,
+        _bwd_state_kernel[(triton.cdiv(V, cfg.bv_bstate), N * H)](
+            q, k, G, W, W if Q is None else Q, do, dht if dht is not None else dh0, dstates, du,
+            dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len, scale,
-            H=H, K=K, V=V, C=C, KP=blk.KP, BV=blk.BV_state, HAS_DHT=dht is not None, LOWP=LOWP,
-            num_warps=8,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_bstate, HAS_DHT=dht is not None,
+            USE_Q=use_q, STORE_DU=du_in_state, LOWP=LOWP, num_warps=cfg.w_bstate,
         )  # fmt: skip
     if NC > 0:
         _bwd_chunk_kernel[(NC, H)](
             q, k, v, beta, do, G, Tinv, u, states, dstates, du,
             dq, dk, dv, dbeta, dg, lay.chunk_tok0, lay.chunk_len, scale,
-            H=H, K=K, V=V, C=C, BK=blk.BK, BV=blk.BV, LOWP=LOWP, num_warps=8,
+            H=H, K=K, V=V, C=C, BK=cfg.BK, BV=cfg.BV, DU_FROM_DS=not du_in_state, LOWP=LOWP,
+            num_warps=cfg.w_bchunk,
+            num_stages=cfg.stages,
         )  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0
 
 
+_L2_ROWS = 16  # rows per program of the l2norm kernels
+
+
+def _l2norm_fwd(x: torch.Tensor) -> torch.Tensor:
+    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` (float32 maths) in x's dtype."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    y = torch.empty_like(x)
+    if R > 0:
+        _l2norm_fwd_kernel[(triton.cdiv(R, _L2_ROWS),)](
+            x, y, R, D=D, DP=_pow2(D), BR=_L2_ROWS, num_warps=4
+        )
+    return y
+
+
+def _l2norm_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    D = x.shape[-1]
+    R = x.numel() // D
+    dx = torch.empty_like(x)
+    if R > 0:
+        _l2norm_bwd_kernel[(triton.cdiv(R, _L2_ROWS),)](
+            x, dy, dx, R, D=D, DP=_pow2(D), BR=_L2_ROWS, num_warps=4
+        )
+    return dx
+
+
 class _ChunkGatedDeltaRule(torch.autograd.Function):
-    """Autograd wrapper over the token-major kernels ([T, H, *] inputs, batch rows flattened)."""
+    """Autograd wrapper over the token-major kernels ([T, H, *] inputs, batch rows flattened).
+
+    With L2 the per-head L2 norm of q and k is part of the op: the forward normalises them into
+    fresh tensors of the input dtype (what the chunk kernels read), the backward normalises them
+    again instead of keeping copies, has the chunk kernels write dq, dk in float32 and applies the
+    norm's backward in one more kernel. Saved for the backward: the inputs plus G and Tinv
+    (``[NC, H, C]`` float32 and ``[NC, H, C, C]`` in the buffer dtype, ~C / (2 V) of v's size),
+    so the backward's recompute skips the UT inverse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, lay, out_dtype, LOWP):
-        o, ht = _forward(q, k, v, g, beta, h0, scale, lay, out_dtype, LOWP)
-        ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.scale, ctx.lay, ctx.LOWP = scale, lay, LOWP
+    def forward(ctx, q, k, v, g, beta, h0, scale, lay, LOWP, L2):
+        qn, kn = (_l2norm_fwd(q), _l2norm_fwd(k)) if L2 else (q, k)
+        o, ht, G, Tinv = _forward(qn, kn, v, g, beta, h0, scale, lay, LOWP)
+        ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv)
+        ctx.scale, ctx.lay, ctx.LOWP, ctx.L2 = scale, lay, LOWP, L2
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0 = ctx.saved_tensors
-        do = torch.zeros(v.shape, device=v.device, dtype=v.dtype) if do is None else do.contiguous()
+        q, k, v, g, beta, h0, G, Tinv = ctx.saved_tensors
+        L2 = ctx.L2
+        qn, kn = (_l2norm_fwd(q), _l2norm_fwd(k)) if L2 else (q, k)
+        do = torch.zeros(v.shape, device=v.device, dtype=q.dtype) if do is None else do.contiguous()
         dht = None if dht is None else dht.contiguous()
+        # float32 dq, dk ahead of the norm's backward, which subtracts their projection on q, k
+        dqk_dtype = torch.float32 if L2 else q.dtype
         dq, dk, dv, dg, dbeta, dh0 = _backward(
-            q, k, v, g, beta, h0, ctx.scale, ctx.lay, do, dht, ctx.LOWP
+            qn, kn, v, g, beta, h0, G, Tinv, ctx.scale, ctx.lay, do, dht, ctx.LOWP, dqk_dtype
         )
+        if L2:
+            dq, dk = _l2norm_bwd(q, dq), _l2norm_bwd(k, dk)
         dh0 = None if h0 is None else dh0.to(h0.dtype)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
-
-
-def _l2norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` in float32 (torch ops: autograd does its backward)."""
-    x = x.float()
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + 1e-6)
 
 
 @contextlib.contextmanager
@@ -797,11 +1037,7 @@ def _chunk_gated_delta_rule(
         offsets = [b * T for b in range(B + 1)]
     else:
         offsets = [int(x) for x in cu_seqlens.tolist()]
-    lay = _make_layout(offsets, q.device)
-    in_dtype = q.dtype
-    LOWP = _dot_mode(in_dtype)
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q), _l2norm(k)
+    lay = _layout(offsets, q.device)
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht = _ChunkGatedDeltaRule.apply(
         q.reshape(B * T, H, K).contiguous(),
@@ -812,7 +1048,7 @@ def _chunk_gated_delta_rule(
         h0,
         float(scale),
         lay,
-        in_dtype,
-        LOWP,
+        _dot_mode(q.dtype),
+        bool(use_qk_l2norm_in_kernel),
     )
     return o.reshape(B, T, H, V), (ht if output_final_state else None)

@@ -121,13 +121,33 @@ def test_decay_regimes(decay):
     assert_matches_reference(inputs)
 
 
-PACKED = {"mixed": [1, 17, 64, 5], "with_empty": [3, 0, 70], "two_chunks": [128]}
+PACKED = {
+    "mixed": [1, 17, 64, 5],
+    "with_empty": [3, 0, 70],
+    "trailing_empty": [70, 0],
+    "two_chunks": [128],
+}
 
 
 @pytest.mark.parametrize("lens", list(PACKED.values()), ids=list(PACKED))
 def test_packed_matches_reference(lens):
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     inputs = make_inputs(sum(lens), 16, 32, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=11)
+    assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+
+
+# kernel variants selected by GDN_TRITON_CFG (the defaults are the fastest on the H200): the
+# reverse state pass on Q = W^T (k gam / Gam) with du formed by the chunk kernel or by the state
+# pass, or the two-product chain; the forward state pass with / without its register prefetch
+VARIANTS = ["qbwd=1,du_state=0", "qbwd=1,du_state=1", "qbwd=0,pf_fstate=0", "qbwd=0,pf_fstate=1"]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_kernel_variants_match_reference(cfg, monkeypatch):
+    monkeypatch.setenv("GDN_TRITON_CFG", cfg)
+    lens = [1, 17, 130, 0, 64]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inputs = make_inputs(sum(lens), 24, 40, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=29)
     assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
 
 
@@ -170,6 +190,27 @@ def test_bf16_inputs():
     grads = torch.autograd.grad(o.float().sum() + s.sum(), list(leaves.values()))  # bf16 bwd
     for name, grad in zip(leaves, grads):
         assert grad.dtype == leaves[name].dtype and torch.isfinite(grad).all(), name
+
+
+def test_bf16_inputs_l2norm_in_kernel():
+    """bf16 with the fused L2 norm: normalised q, k are bf16 (what the kernels read), their
+    gradients come back in bf16 through the float32 norm backward."""
+    inputs = make_inputs(70, 24, 16, l2=True, h0=True, seed=31)
+    low = {n: (x if n in ("initial_state", "g") else x.bfloat16()) for n, x in inputs.items()}
+    leaves = {n: x.clone().requires_grad_(True) for n, x in low.items()}
+    o, s = chunk_gated_delta_rule_triton(**leaves, output_final_state=True,
+                                         use_qk_l2norm_in_kernel=True)  # fmt: skip
+    ref_in = {n: x.double().requires_grad_(True) for n, x in low.items()}
+    o_r, s_r = naive_recurrent_gated_delta_rule(**ref_in, output_final_state=True,
+                                                use_qk_l2norm_in_kernel=True)  # fmt: skip
+    assert o.dtype == torch.bfloat16 and rel_err(o, o_r) < 3e-2 and rel_err(s, s_r) < 3e-2
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((o.double() * do).sum() + s.sum(), list(leaves.values()))
+    grads_r = torch.autograd.grad((o_r * do).sum() + s_r.sum(), list(ref_in.values()))
+    for name, grad, grad_r in zip(leaves, grads, grads_r):
+        assert grad.dtype == leaves[name].dtype, name
+        assert rel_err(grad, grad_r) < 5e-2, name
 
 
 def test_deterministic():

@@ -88,7 +88,7 @@ CASES = {  # name: (B, T, cu_seqlens lengths or None)
     "T64": (2, 64, None),
     "T1000": (2, 1000, None),
     "T8192": (1, 8192, None),
-    "packed": (1, None, [1, 100, 64, 2000, 37, 4000, 63]),
+    "packed": (1, None, [1, 100, 0, 64, 2000, 37, 4000, 63, 0]),  # incl. empty sequences
 }
 
 
