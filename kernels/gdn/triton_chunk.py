@@ -14,12 +14,20 @@ Backward (``dS'`` the gradient of the state leaving the chunk, ``dU' = Tinv^T du
 
     du  = ((q k^T) * D)^T do + (k * gam / Gam) dS'
     dS  = gam dS' + (Gam q)^T do - W^T du                      (reverse pass over chunks)
+        = gam dS' - Q dS' + (Gam q)^T do - W^T ((q k^T) * D)^T do,   Q = W^T (k * gam / Gam)
     dA  = -strict_lower(dU' u^T)  (because u = Tinv Y with Y = beta v - beta Gam k S)
     dv  = beta dU',  dq, dk, dbeta, dG from the chunk-local terms; dg = reverse cumsum of dG.
 
+The second form of dS (``qbwd``, the default for K <= 128) leaves one product, ``Q dS'``, on the
+reverse pass's serial chain instead of two (``kdec dS'`` then ``W^T du``); ``Q`` [K, K] per chunk
+comes from the backward's prep.
+
 Kernels (grid in brackets; NC chunks over all sequences, N sequences, H heads):
 
-* ``_fwd_prep_kernel``   [NC, H]     G = cumsum(g), Tinv by forward substitution, W and U
+* ``_l2norm_fwd_kernel`` / ``_l2norm_bwd_kernel`` [rows / 16]  the optional per-head L2 norm of
+  q and k (the forward writes normalised q, k in the input dtype; the backward recomputes rstd)
+* ``_fwd_prep_kernel``   [NC, H]     G = cumsum(g), Tinv (recursive doubling), W and U; in the
+  backward: reads G and Tinv, recomputes W, U and writes Q
 * ``_fwd_state_kernel``  [V/BV, N*H] sequential over a sequence's chunks: S per chunk, u, final S
 * ``_fwd_output_kernel`` [V/BV, NC, H] o
 * ``_bwd_state_kernel``  [V/BV, N*H] reverse over chunks: dS' per chunk, du, d(initial state)
@@ -34,9 +42,13 @@ sequence boundary; a sequence's last chunk may be short (masked loads, zeros bey
 chunk-local intermediates are stored chunk-major and padded to ``C`` rows, where padding rows are
 neutral (``g = beta = 0``, ``q = k = v = 0``).
 
-The forward keeps nothing but the inputs for the backward: the backward recomputes ``G``,
-``Tinv``, ``W``, ``u`` and the per-chunk states (as fla does), trading ~40% extra forward work for
-not holding ``[NC, H, K, V]`` float32 states between forward and backward.
+The forward keeps the inputs plus ``G`` and ``Tinv`` (``[NC, H, C]`` float32, ``[NC, H, C, C]``
+in the buffer dtype: C / (2V) of v's size) for the backward, which recomputes ``W``, ``u`` and the
+per-chunk states from them (one cheap prep pass and one forward state pass) rather than holding
+``[NC, H, K, V]`` states between forward and backward.
+
+Block sizes, warps and the kernel variants are in ``_config`` (tuned on the H200; override with
+``GDN_TRITON_CFG`` for tuning runs, see ``benchmarks/gdn_kernels.py --sweep``).
 """
 
 # legend: T tokens (batch rows flattened: B * T_seq), H heads, K key dim, V value dim, C chunk,
