@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                 from megatron_hybrid.parallel.context import check_run_config
 
                 run.validate(world)
-                check_run_config(run)
+                check_run_config(run, dry_run=True)
             if rank == 0:
                 print(describe(run, world, show_config=True))
             return 0

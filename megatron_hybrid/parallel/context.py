@@ -83,10 +83,10 @@ def check_layout(
         )
 
 
-def check_run_config(run) -> None:
+def check_run_config(run, dry_run: bool = False) -> None:
     """Reject a RunConfig whose CP layout the model cannot run (before any process group or
     model exists): the row split (:func:`check_layout`) and, for the te spec, a usable
-    Transformer Engine."""
+    Transformer Engine (not for ``--dry-run``, which plans GPU jobs on hosts without it)."""
     p, t = run.parallel, run.train
     if p.context <= 1:
         return
@@ -102,7 +102,7 @@ def check_run_config(run) -> None:
     from megatron_hybrid.models.olmo_hybrid.model import default_flavour  # (import cycle)
 
     flavour = default_flavour() if t.spec == "auto" else t.spec
-    if flavour == "te":
+    if flavour == "te" and not dry_run:
         # the te spec runs CP attention too (layers/te_cp_attention.py), but needs TE itself:
         # say so now rather than after the process groups are up
         try:

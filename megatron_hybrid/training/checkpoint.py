@@ -236,6 +236,17 @@ def _load_weights_only(path: str, chunks, optimizer, common: dict, iteration: in
     return dict(common["train_state"], iteration=iteration)
 
 
+def load_weights_only(root: str, chunks, optimizer) -> str | None:
+    """``--finetune``: the model weights of ``root``'s latest checkpoint (full or weights-only,
+    any layout) and nothing else. Returns the directory read, or None when there is none."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    _load_weights_only(path, chunks, optimizer, {"train_state": {}}, iteration)
+    return path
+
+
 def _check_optimizer_kind(path: str, optimizer) -> None:
     """The distributed optimizer stores its states sharded over DP in its own format; megatron
     cannot read them into the plain optimizer or the other way round."""

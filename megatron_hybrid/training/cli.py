@@ -60,6 +60,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--save": ("train.save", str),
     "--load": ("train.load", str),
     "--no-load-optim": ("train.no_load_optim", True),
+    "--finetune": ("train.finetune", True),
     "--save-interval": ("train.save_interval", int),
     "--ckpt-format": ("train.ckpt_format", str),
     "--log-interval": ("train.log_interval", int),

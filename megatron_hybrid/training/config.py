@@ -115,6 +115,10 @@ class TrainConfig:
     """Checkpoint directory (``<save>/iter_0000100/``)."""
     load: str | None = None
     """Resume from this directory's latest checkpoint (if any)."""
+    finetune: bool = False
+    """With ``load``: take only the weights; iteration, optimizer states, LR schedule and data
+    position start fresh (e.g. a long-context stage from the pretrained model; Megatron's
+    --finetune)."""
     no_load_optim: bool = False
     """With ``load``: take weights, LR schedule, iteration and data position from the checkpoint
     but start the optimizer states (Adam moments) fresh, e.g. to switch the distributed

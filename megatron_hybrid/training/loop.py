@@ -113,7 +113,16 @@ class Trainer:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.iteration, self.consumed = 0, 0
         self.skipped = self.nan_total = self.nan_consecutive = 0
-        if t.load:
+        if t.load and t.finetune:
+            read = ckpt.load_weights_only(t.load, self.chunks, self.optimizer)
+            if read is None:
+                raise ckpt.CheckpointError(f"--finetune: no checkpoint in --load {t.load}")
+            if self.rank == 0:
+                self.log(
+                    f"loaded the weights of {read} (--finetune: iteration, optimizer, LR "
+                    "schedule and data position start fresh)"
+                )
+        elif t.load:
             st = ckpt.load_checkpoint(
                 t.load,
                 self.chunks,
