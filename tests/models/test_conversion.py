@@ -214,13 +214,14 @@ def test_validation_catches_a_wrong_mapping(trained, tmp_path):
     code = (
         "import sys\n"
         "import megatron_hybrid.models.olmo_hybrid.conversion as cv\n"
-        "orig = cv.megatron_to_hf\n"
+        "import megatron_hybrid.models.olmo_hybrid.hf_export as ex\n"
+        "orig = ex.megatron_to_hf\n"
         "def broken(sd, cfg, hf_vocab_size=None):\n"
         "    out = orig(sd, cfg, hf_vocab_size)\n"
         "    a, b = 'model.layers.0.linear_attn.a_proj.weight', 'model.layers.0.linear_attn.b_proj.weight'\n"
         "    out[a], out[b] = out[b], out[a]\n"
         "    return out\n"
-        "cv.megatron_to_hf = broken\n"
+        "ex.megatron_to_hf = broken\n"
         f"sys.exit(cv.main_to_hf(['--load', '{tp2}', '--save', '{tmp_path / 'out'}']))\n"
     )
     proc = run_python(["-c", code])

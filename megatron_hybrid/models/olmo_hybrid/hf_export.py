@@ -17,6 +17,7 @@ from megatron_hybrid.models.olmo_hybrid.hf_files import (
     export_config_dict,
     write_safetensors,
 )
+from megatron_hybrid.models.olmo_hybrid.hf_mapping import megatron_to_hf
 from megatron_hybrid.models.olmo_hybrid.hf_tokenizer import TokenizerExport, export_tokenizer
 from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import (
     DTYPE_NAMES,
@@ -219,11 +220,7 @@ def _export(
     # The model holds the weights as exported (half the memory for a bf16 export).
     model = load_checkpoint_model(path, cfg, out_dtype)
 
-    # Looked up on the conversion module, where it is re-exported, so that replacing
-    # ``conversion.megatron_to_hf`` (tests/models/test_conversion.py) reaches the export.
-    from megatron_hybrid.models.olmo_hybrid import conversion
-
-    hf_sd = conversion.megatron_to_hf(unsharded_state_dict(model), cfg, hf_vocab_size=hf_vocab)
+    hf_sd = megatron_to_hf(unsharded_state_dict(model), cfg, hf_vocab_size=hf_vocab)
     index = write_safetensors(save, hf_sd, max_shard_bytes, progress)
     n_files = len(set(index["weight_map"].values()))
     conf = export_config_dict(cfg, hf_vocab, out_dtype, eos, pad)
