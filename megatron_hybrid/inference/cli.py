@@ -34,7 +34,11 @@ def parse_args(argv=None):
     src.add_argument(
         "--prompt-ids", action="append", default=[], help="comma-separated token ids (repeatable)"
     )
-    src.add_argument("--eval-file", help="held-out text: .jsonl (one document per line) or plain")
+    src.add_argument(
+        "--eval-file",
+        help="held-out data: a preprocess_data.py prefix (.bin/.idx), .jsonl (one document per "
+        "line) or a plain text file (one document)",
+    )
     src.add_argument("--json-key", default="text", help="document field of --eval-file jsonl")
     src.add_argument(
         "--eval-window", type=int, default=2048, help="tokens per forward chunk (state carried)"

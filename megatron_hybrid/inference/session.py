@@ -185,6 +185,11 @@ class GenerationSession:
         return EvalResult(len(docs), count, nll, time.perf_counter() - t0)
 
     def read_documents(self, path: str, key: str, max_docs: int | None) -> list[list[int]]:
+        """Token ids per document of ``path``: a megatron indexed dataset (prefix, or its .bin/
+        .idx; already tokenized), a .jsonl file (one document per line) or any text file."""
+        prefix = path[:-4] if path.endswith((".bin", ".idx")) else path
+        if os.path.isfile(prefix + ".bin") or os.path.isfile(prefix + ".idx"):
+            return self._indexed_documents(prefix, max_docs)
         if not os.path.isfile(path):
             raise GenerateError(f"--eval-file {path}: no such file")
         texts: list[str] = []
@@ -212,6 +217,23 @@ class GenerationSession:
                 docs.append(ids)
         if not docs:
             raise GenerateError(f"--eval-file {path}: no document with at least two tokens")
+        return docs
+
+    def _indexed_documents(self, prefix: str, max_docs: int | None) -> list[list[int]]:
+        """Sequences of a preprocess_data.py output (one per document, EOD included with
+        --append-eod), checked like training data (truncation, ids < vocab)."""
+        from megatron_hybrid import mcore
+        from megatron_hybrid.data.batches import check_indexed_dataset
+
+        try:
+            check_indexed_dataset(prefix, self.vocab_size)
+        except (FileNotFoundError, ValueError) as e:
+            raise GenerateError(str(e).replace("--data-path", "--eval-file", 1)) from None
+        ds = mcore.IndexedDataset(prefix, mmap=True)
+        n = len(ds) if max_docs is None else min(len(ds), max_docs)
+        docs = [ids for ids in (ds[i].tolist() for i in range(n)) if len(ids) >= 2]
+        if not docs:
+            raise GenerateError(f"--eval-file {prefix}: no document with at least two tokens")
         return docs
 
     def evaluate_and_print(self, path, key, window, max_docs, progress=True) -> EvalResult:

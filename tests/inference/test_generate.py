@@ -159,6 +159,15 @@ def test_eval_perplexity_equals_transformers_loss(converted):
 
     docs, tokens, loss = parse(whole)
     assert docs == 2 and parse(chunked)[:2] == (docs, tokens)
+    # the same documents preprocessed like training data (no tokenizer needed to evaluate them)
+    prefix = str(tmp / "heldout")
+    pre = ["tools/preprocess_data.py", "--input", str(heldout), "--output-prefix", prefix]
+    pre += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok]
+    _ok(run_python([*pre, "--append-eod", "--no-progress"]))
+    indexed = ["tools/generate.py", "--load", ckpt, "--no-progress", "--eval-file"]
+    indexed = _ok(run_python([*indexed, prefix + "_text_document"])).stdout
+    assert parse(indexed)[:2] == (docs, tokens)
+    assert abs(parse(indexed)[2] - loss) < 1e-6 * max(1.0, loss)
     # state carried across windows: the same loss as reading each document in one piece
     assert abs(parse(chunked)[2] - loss) < 1e-5 * max(1.0, loss)
 
@@ -184,6 +193,7 @@ def test_eval_perplexity_equals_transformers_loss(converted):
         (["--prompt", "hello"], "needs a tokenizer"),
         (["--eval-file", "/nonexistent.jsonl"], "no such file"),
         (["--eval-file", "BAD"], "bad.jsonl:2: not JSON"),
+        (["--eval-file", "HALF"], "half.idx not found"),
         (["--load-iteration-typo"], None),
     ],
 )
@@ -193,7 +203,8 @@ def test_bad_input_is_one_line_error(converted, extra, message):
         pytest.skip("argument checks run on one variant (keeps CI time down)")
     bad = tmp / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
-    extra = [str(bad) if e == "BAD" else e for e in extra]
+    (tmp / "half.bin").write_bytes(b"")  # an indexed dataset without its index
+    extra = [str(bad) if e == "BAD" else str(tmp / "half") if e == "HALF" else e for e in extra]
     proc = run_python(["tools/generate.py", "--load", ckpt, *extra])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
