@@ -226,13 +226,18 @@ def load_model_only(path: str, chunks) -> None:
             )
 
 
+def _refresh_main_params(optimizer) -> None:
+    """Mixed precision keeps fp32 main copies of the parameters, made when the optimizer was
+    built: refresh them after loading weights without optimizer state (as Megatron-LM does for
+    --no-load-optim)."""
+    if optimizer is not None:
+        optimizer.reload_model_params()
+
+
 def _load_weights_only(path: str, chunks, optimizer, common: dict, iteration: int) -> dict:
     """Weights-only checkpoint: optimizer state, LR schedule and RNG stay as built (fresh)."""
     load_model_only(path, chunks)
-    if optimizer is not None:
-        # Mixed precision keeps fp32 main copies of the parameters, made when the optimizer was
-        # built: refresh them from the loaded weights (Megatron-LM does this for --no-load-optim).
-        optimizer.reload_model_params()
+    _refresh_main_params(optimizer)
     return dict(common["train_state"], iteration=iteration)
 
 
@@ -243,7 +248,8 @@ def load_weights_only(root: str, chunks, optimizer) -> str | None:
     if iteration is None:
         return None
     path = iteration_dir(root, iteration)
-    _load_weights_only(path, chunks, optimizer, {"train_state": {}}, iteration)
+    load_model_only(path, chunks)
+    _refresh_main_params(optimizer)
     return path
 
 
@@ -308,9 +314,8 @@ def load_checkpoint(
     if load_optimizer and optimizer is not None:
         _align_param_groups(state["optimizer"], optimizer)
         optimizer.load_state_dict(state["optimizer"])
-    elif optimizer is not None:
-        # fp32 main copies were made from the initial weights when the optimizer was built
-        optimizer.reload_model_params()
+    else:
+        _refresh_main_params(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(common["scheduler"])
     if same_layout:
