@@ -168,9 +168,8 @@ def test_te_thd_local_compute_matches_full_row(cp):
         check(name, got, want)
 
 
-@each_cp
-def test_te_spec_core_attention_under_cp(cp):
-    """The megatron module the te spec builds, at CP > 1, with the all-gather stubbed."""
+def te_spec_core_attention(cp: int):
+    """The te spec's core attention module as built for context parallel size ``cp``."""
     from megatron_hybrid import mcore
     from megatron_hybrid.layers.te_attention import te_core_attention_class
 
@@ -185,7 +184,7 @@ def test_te_spec_core_attention_under_cp(cp):
         bf16=True,
         params_dtype=torch.bfloat16,
     )
-    module = te_core_attention_class()(
+    return te_core_attention_class()(
         config=cfg,
         layer_number=1,
         attn_mask_type=mcore.AttnMaskType.causal,
@@ -193,6 +192,14 @@ def test_te_spec_core_attention_under_cp(cp):
         softmax_scale=D**-0.5,
         pg_collection=types.SimpleNamespace(tp=None, cp=None),
     )
+
+
+@each_cp
+def test_te_spec_core_attention_under_cp(cp):
+    """The megatron module the te spec builds, at CP > 1, with the all-gather stubbed."""
+    from megatron_hybrid import mcore
+
+    module = te_spec_core_attention(cp)
     assert module.cp_group is None and module.attention_type == "cross"
     q, k, v, gout = inputs(seed=1)
     ref, ref_grads = reference(q, k, v, gout)
@@ -245,26 +252,8 @@ def test_te_spec_core_attention_cp1_packed_documents():
     row's document starts in cu_seqlens). Checks that documents are masked there too."""
     from megatron_hybrid import mcore
     from megatron_hybrid.data.batches import packed_seq_params
-    from megatron_hybrid.layers.te_attention import te_core_attention_class
 
-    cfg = mcore.TransformerConfig(
-        num_layers=1,
-        hidden_size=HEADS * D,
-        num_attention_heads=HEADS,
-        num_query_groups=GROUPS,
-        kv_channels=D,
-        attention_dropout=0.0,
-        bf16=True,
-        params_dtype=torch.bfloat16,
-    )
-    module = te_core_attention_class()(
-        config=cfg,
-        layer_number=1,
-        attn_mask_type=mcore.AttnMaskType.causal,
-        attention_type="self",
-        softmax_scale=D**-0.5,
-        pg_collection=types.SimpleNamespace(tp=None, cp=None),
-    )
+    module = te_spec_core_attention(1)
     q, k, v, gout = inputs(seed=2)
     ref, _ = reference(q, k, v, gout)
     cu = torch.tensor(STARTS + [N], dtype=torch.int32, device="cuda")
