@@ -295,7 +295,7 @@ def main() -> None:
               f"rel L2 = {e['rel_l2_err']:.2e}")  # fmt: skip
 
     if args.breakdown:
-        for shape in shapes[:2]:
+        for shape in shapes:
             bd = kernel_breakdown(shape)
             result.setdefault("breakdown_ms", {})[str(shape)] = bd
             flush()

@@ -25,7 +25,7 @@ comes from the backward's prep.
 Kernels (grid in brackets; NC chunks over all sequences, N sequences, H heads):
 
 * ``_l2norm_fwd_kernel`` / ``_l2norm_bwd_kernel`` [rows / 16]  the optional per-head L2 norm of
-  q and k (the forward writes normalised q, k in the input dtype; the backward recomputes rstd)
+  q and k (the forward writes normalised q, k in the input dtype; the backward uses them and the forward's rstd)
 * ``_fwd_prep_kernel``   [NC, H]     G = cumsum(g), Tinv (recursive doubling), W and U; in the
   backward: reads G and Tinv, recomputes W, U and writes Q
 * ``_fwd_state_kernel``  [V/BV, N*H] sequential over a sequence's chunks: S per chunk, u, final S
@@ -225,9 +225,12 @@ def _unit_lower_inverse(A_CC, C: tl.constexpr, LOG2C: tl.constexpr, LOWP: tl.con
 
 
 @triton.jit
-def _l2norm_fwd_kernel(x_ptr, y_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr):
-    """y = x * rsqrt(sum(x^2) + 1e-6) over the last dim of R rows (float32 maths, y in y's
-    dtype: the chunk kernels read it as a matmul operand, so 16-bit inputs stay 16-bit)."""
+def _l2norm_fwd_kernel(
+    x_ptr, y_ptr, rstd_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr
+):
+    """y = x * rstd with rstd = rsqrt(sum(x^2) + 1e-6) over the last dim of R rows (float32
+    maths; y in y's dtype: the chunk kernels read it as a matmul operand, so 16-bit inputs stay
+    16-bit; rstd float32, kept for the backward)."""
     r0 = tl.program_id(0).to(tl.int64) * BR
     r_R = tl.arange(0, BR)
     d_D = tl.arange(0, DP)
@@ -236,22 +239,22 @@ def _l2norm_fwd_kernel(x_ptr, y_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: t
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(_sum(x * x, 1) + 1e-6)
     tl.store(y_ptr + offs, (x * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + r0 + r_R, rstd, mask=r0 + r_R < R)
 
 
 @triton.jit
 def _l2norm_bwd_kernel(
-    x_ptr, dy_ptr, dx_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr
+    y_ptr, rstd_ptr, dy_ptr, dx_ptr, R, D: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr
 ):
-    """dx = rstd (dy - y (dy . y)) with y = x rstd, rstd recomputed from x in float32."""
+    """dx = rstd (dy - y (dy . y)) from the forward's y and rstd (float32 maths)."""
     r0 = tl.program_id(0).to(tl.int64) * BR
     r_R = tl.arange(0, BR)
     d_D = tl.arange(0, DP)
     offs = r0 * D + (r_R[:, None] * D + d_D[None, :])
     mask = (r0 + r_R[:, None] < R) & (d_D[None, :] < D)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(_sum(x * x, 1) + 1e-6)
-    y = x * rstd[:, None]
+    rstd = tl.load(rstd_ptr + r0 + r_R, mask=r0 + r_R < R, other=0.0)
     dx = rstd[:, None] * (dy - y * _sum(dy * y, 1)[:, None])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -551,8 +554,8 @@ def _bwd_state_kernel(
         dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         dS_KV = tl.full([KP, BV], 0.0, tl.float32)
-    # (no prefetch here: the same one-chunk register prefetch as in the forward pass faulted
-    # with an illegal address on the H200, see docs/kernels.md)
+    # (no prefetch here: the same one-chunk register prefetch as in the forward pass faults with
+    # an illegal address on the H200 at some settings, see docs/kernels.md)
     i = nc - 1
     while i >= 0:
         q_CK, k_CK, do_CV, w_CK, G_C, G_last = _bwd_state_load(
@@ -564,6 +567,108 @@ def _bwd_state_kernel(
             Q_ptr, scale, H, K, V, C, KP, BV, USE_Q, STORE_DU, LOWP,
         )  # fmt: skip
         i -= 1
+    dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    tl.store(dh0_ptrs, dS_KV, mask=S_mask)
+
+
+# The reverse pass split in two (``qbwd=2``): everything that does not depend on the chain is
+# computed chunk-parallel first (`_bwd_rhs_kernel`: M^T do and B = (Gam q)^T do - W^T M^T do),
+# leaving the serial kernel one product on its chain, dS = gam dS' - Q dS' + B, whose operands
+# are loaded one chunk ahead, plus du = M^T do + kdec dS' beside it. The prefetch index is
+# clamped to a chunk of the sequence instead of masked, so no address is ever out of bounds
+# (the last prefetch re-reads chunk 0 of the sequence and is not used).
+
+
+@triton.jit
+def _bwd_rhs_kernel(
+    q_ptr, k_ptr, do_ptr, G_ptr, W_ptr, Mdo_ptr, B_ptr,
+    chunk_tok0_ptr, chunk_len_ptr, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """For one chunk and head: M^T do (into Mdo_ptr, chunk-major [C, V]) and
+    B = (Gam q)^T do - W^T (M^T do) (into B_ptr, state-shaped), M = (q k^T) * D."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(chunk_tok0_ptr + c)
+    n = tl.load(chunk_len_ptr + c)
+    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
+    q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP) * scale
+    k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
+    w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
+    w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
+    qdec_CK = q_CK * tl.exp(G_C)[:, None]
+    for v0 in range(0, V, BV):
+        do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
+        Mdo_CV = _dot(tl.trans(M_CC), do_CV, LOWP)
+        Mdo_ptrs, Mdo_mask = _chunk_ptrs(Mdo_ptr, c, h, v0, H, V, C, BV)
+        tl.store(Mdo_ptrs, Mdo_CV.to(Mdo_ptrs.dtype.element_ty), mask=Mdo_mask)
+        B_KV = _dot(tl.trans(qdec_CK), do_CV, LOWP) - _dot(tl.trans(w_CK), Mdo_CV, LOWP)
+        B_ptrs, B_mask = _state_ptrs(B_ptr, c, h, 0, v0, H, K, V, KP, BV)
+        tl.store(B_ptrs, B_KV.to(B_ptrs.dtype.element_ty), mask=B_mask)
+
+
+@triton.jit
+def _bwd_chain_load(c, h, v0, Q_ptr, B_ptr, G_ptr, H: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    """The chain operands of chunk c: Q [KP, KP], the [KP, BV] slice of B, G_last."""
+    r_K = tl.arange(0, KP)
+    Q_ptrs = Q_ptr + (c.to(tl.int64) * H + h) * (K * K) + (r_K[:, None] * K + r_K[None, :])
+    Q_KK = tl.load(Q_ptrs, mask=(r_K[:, None] < K) & (r_K[None, :] < K), other=0.0)
+    B_ptrs, B_mask = _state_ptrs(B_ptr, c, h, 0, v0, H, K, V, KP, BV)
+    B_KV = tl.load(B_ptrs, mask=B_mask, other=0.0)
+    return Q_KK, B_KV, tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
+
+
+@triton.jit
+def _bwd_chain_kernel(
+    k_ptr, G_ptr, Q_ptr, dht_ptr, dstates_ptr, du_ptr, dh0_ptr,
+    seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """Reverse pass for one V-slice of one sequence and head: dstates[c] holds B_c on entry and
+    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + kdec dS'_c."""
+    v0 = tl.program_id(0) * BV
+    s = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    c0 = tl.load(seq_chunk0_ptr + s)
+    nc = tl.load(seq_nchunks_ptr + s)
+    bos = tl.load(seq_tok0_ptr + s)
+    L = tl.load(seq_len_ptr + s)
+    t_C = tl.arange(0, C)
+
+    dS_ptrs0, S_mask = _state_ptrs(dht_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    if HAS_DHT:
+        dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
+    else:
+        dS_KV = tl.full([KP, BV], 0.0, tl.float32)
+    if nc > 0:
+        Q_KK, B_KV, G_last = _bwd_chain_load(
+            c0 + nc - 1, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
+        )
+        i = nc - 1
+        while i >= 0:
+            c = c0 + i
+            Q_nx, B_nx, Gl_nx = _bwd_chain_load(
+                c0 + tl.maximum(i - 1, 0), h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
+            )
+            # off the chain, for du: issued now, used after the chain product
+            k_CK = _load_tok(k_ptr, bos + i * C, tl.minimum(L - i * C, C), h, 0, H, K, C, KP)
+            du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+            Mdo_CV = tl.load(du_ptrs, mask=du_mask, other=0.0).to(tl.float32)
+            G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
+
+            dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
+            tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
+            dS_in = dS_KV * tl.exp(G_last) - _dot(Q_KK, dS_KV, LOWP) + B_KV.to(tl.float32)
+            kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+            du_CV = Mdo_CV + _dot(kdec_CK, dS_KV, LOWP)
+            tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
+            dS_KV = dS_in
+            Q_KK, B_KV, G_last = Q_nx, B_nx, Gl_nx
+            i -= 1
     dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(dh0_ptrs, dS_KV, mask=S_mask)
 
@@ -754,18 +859,22 @@ class _Config:
     BK: int  # K block of the chunk-parallel kernels
     BV: int  # V block of the prep and backward chunk kernels
     bv_out: int  # V slice of the output kernel
-    bv_fstate: int  # V slice of the forward state pass
-    bv_bstate: int  # V slice of the reverse state pass
+    bv_fstate: int  # V slice of the forward state pass (0: by occupancy, see _state_bv)
+    bv_bstate: int  # V slice of the reverse state pass (0: by occupancy)
     bk_out: int = 0  # K block of the output kernel (0: BK)
     w_prep: int = 4
     w_fstate: int = 4
     w_out: int = 4
     w_bstate: int = 8
     w_bchunk: int = 8
+    slots: int = 0  # programs per wave for the automatic state-pass V slices (0: SM count)
     pf_fstate: int = 1  # one-chunk register prefetch in the forward state pass
-    qbwd: int = 0  # reverse state pass on Q = W^T (k gam / Gam) from the prep
+    qbwd: int = 0  # reverse pass on Q = W^T (k gam / Gam) from the prep; 2: split (rhs + chain)
+    w_rhs: int = 8  # _bwd_rhs_kernel (qbwd=2)
+    bv_rhs: int = 64  # V block of _bwd_rhs_kernel
     du_state: int = 0  # with qbwd: du formed by the state pass (off its chain), else by bwd chunk
     stages: int = 3  # num_stages of the chunk-parallel kernels (prep, output, bwd chunk)
+    overlap: int = 2  # backward's two state passes side by side: 1 / 0 always / never, 2 auto
 
 
 def _config(K: int, V: int, LOWP: int) -> _Config:
@@ -773,8 +882,7 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
     if KP <= 128:
         cfg = _Config(
             KP=KP, BK=min(KP, 64), BV=min(VP, 64), bv_out=min(VP, 128),
-            bv_fstate=min(VP, 64), bv_bstate=min(VP, 64), w_fstate=8, w_out=8, qbwd=1,
-            du_state=1,
+            bv_fstate=0, bv_bstate=0, w_fstate=8, w_out=8, qbwd=1, du_state=1,
         )  # fmt: skip
         # the output kernel is cheaper on exact 32-wide K blocks than on 64-wide padded ones
         # (K = 96: 0.70 vs 1.07 ms at 4 x 8192 x 30 heads)
@@ -799,6 +907,25 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
     return cfg
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int) -> int:
+    """V slice of a state pass: ``bv`` if set, else 32 when that needs no more waves of programs
+    than 64 does (``slots`` programs per wave, default the SM count: at 8 warps and ~160+
+    registers one program fills an SM), else 64. The passes are serial over chunks, so a
+    narrower slice is faster per program (H200, 1 x 32768 x 32 heads x 128/128: 64 programs of
+    64 -> 128 of 32 took the two passes from 6.1 to 4.7 ms) but not once it adds a wave (30
+    heads x 192: 90 -> 180 programs, 4.5 -> 9.0 ms)."""
+    if bv:
+        return bv
+    if device.type != "cuda":
+        return min(64, _pow2(V))
+    slots = slots or _sm_count(device)
+    waves = {cand: triton.cdiv(triton.cdiv(V, cand) * n_rows, slots) for cand in (32, 64)}
+    return min(32 if waves[32] <= waves[64] else 64, _pow2(V))
+
+
 def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
     """Intermediates (Tinv, W, u, per-chunk states and their gradients) are only ever matmul
     operands, which LOWP casts to 16 bits anyway: store them in 16 bits then (half the memory
@@ -807,10 +934,12 @@ def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
 
 
 def _prep_and_states(
-    k, v, g, beta, h0, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False
-):
-    """Prep + forward state pass. G and Tinv are computed unless given (the backward passes the
-    forward's). Returns (G, Tinv, W, u, states, final_state, Q or None)."""
+    k, v, g, beta, h0, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False,
+    defer_states=False,
+):  # fmt: skip
+    """Prep + forward state pass (not run with ``defer_states``: the caller runs _fwd_states).
+    G and Tinv are computed unless given (the backward passes the forward's). Returns (G, Tinv,
+    W, u, states, final_state, Q or None)."""
     T, H, K = k.shape
     V = v.shape[-1]
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
@@ -833,14 +962,59 @@ def _prep_and_states(
             HAVE_TINV=have_tinv, STORE_Q=store_q, LOWP=LOWP, num_warps=cfg.w_prep,
             num_stages=cfg.stages,
         )  # fmt: skip
-    if N > 0:
-        _fwd_state_kernel[(triton.cdiv(V, cfg.bv_fstate), N * H)](
-            k, G, W, u, h0 if h0 is not None else ht, states, ht,
-            lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
-            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_fstate, HAS_H0=h0 is not None,
-            PREFETCH=bool(cfg.pf_fstate), LOWP=LOWP, num_warps=cfg.w_fstate,
-        )  # fmt: skip
+    if N > 0 and not defer_states:
+        _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
     return G, Tinv, W, u, states, ht, Q
+
+
+def _fwd_states(k, G, W, u, states, h0, ht, lay: _Layout, cfg: _Config, LOWP: int):
+    """The forward state pass: states, u = U - W S over U, the final state ht."""
+    T, H, K = k.shape
+    V = u.shape[-1]
+    bv = _state_bv(cfg.bv_fstate, V, lay.n_seqs * H, k.device, cfg.slots)
+    _fwd_state_kernel[(triton.cdiv(V, bv), lay.n_seqs * H)](
+        k, G, W, u, h0 if h0 is not None else ht, states, ht,
+        lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
+        H=H, K=K, V=V, C=CHUNK, KP=cfg.KP, BV=bv, HAS_H0=h0 is not None,
+        PREFETCH=bool(cfg.pf_fstate), LOWP=LOWP, num_warps=cfg.w_fstate,
+    )  # fmt: skip
+
+
+def _overlap_states(cfg: _Config, V: int, n_rows: int, device: torch.device) -> bool:
+    """Whether the backward runs its two state passes side by side: ``cfg.overlap`` 1 / 0 forces
+    it, 2 (default) when their programs together fit in 1.5 waves. (H200: 1 x 32768 x 30 heads x
+    96/192, 90 + 90 programs on 132 SMs: fwd+bwd 11.40 -> 10.38 ms; 32 heads x 128/128, 128 +
+    128: 10.47 -> 10.69 ms, the passes only slow each other down; 4 x 8192: no change.)"""
+    if device.type != "cuda" or n_rows == 0 or cfg.overlap == 0:
+        return False
+    if cfg.overlap == 1:
+        return True
+    progs = sum(
+        triton.cdiv(V, _state_bv(bv, V, n_rows, device, cfg.slots)) * n_rows
+        for bv in (cfg.bv_fstate, cfg.bv_bstate)
+    )
+    return progs <= 1.5 * (cfg.slots or _sm_count(device))
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = _device_index(device)
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = _device_index(device)
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[idx]
 
 
 def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
@@ -866,11 +1040,23 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
     cfg = _config(K, V, LOWP)
     use_q = bool(cfg.qbwd)
-    du_in_state = not use_q or bool(cfg.du_state)
-    G, Tinv, W, u, states, _, Q = _prep_and_states(
-        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=use_q
+    du_in_state = cfg.qbwd == 2 or not use_q or bool(cfg.du_state)
+    G, Tinv, W, u, states, ht, Q = _prep_and_states(
+        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=use_q, defer_states=True
     )
     dev = q.device
+    # The reverse state pass does not read the forward's states or u, so the forward state pass
+    # (the recompute) runs on a side stream beside it: both are serial over chunks and, with few
+    # sequences x heads (one long sequence), each leaves SMs idle (H200, 1 x 32768 x 30 heads x
+    # 96/192: 90 programs each on 132 SMs). Every buffer the side stream touches stays referenced
+    # until the main stream has waited for it, so the caching allocator cannot hand it out early.
+    side = _side_stream(dev) if _overlap_states(cfg, V, N * H, dev) else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
+    elif N > 0:
+        _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
     idt = _buffer_dtype(q, LOWP)
     dstates = torch.empty(NC, H, K, V, device=dev, dtype=idt)
     du = torch.empty(NC, H, C, V, device=dev, dtype=idt)
@@ -879,14 +1065,30 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
     dk = torch.empty(k.shape, device=dev, dtype=dqk_dtype)
     dv = torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
-    if N > 0:
-        _bwd_state_kernel[(triton.cdiv(V, cfg.bv_bstate), N * H)](
+    if N > 0 and cfg.qbwd == 2:
+        if NC > 0:  # M^T do into du, B into dstates
+            _bwd_rhs_kernel[(NC, H)](
+                q, k, do, G, W, du, dstates, lay.chunk_tok0, lay.chunk_len, scale,
+                H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_rhs, LOWP=LOWP, num_warps=cfg.w_rhs,
+            )  # fmt: skip
+        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots)
+        _bwd_chain_kernel[(triton.cdiv(V, bv), N * H)](
+            k, G, Q, dht if dht is not None else dh0, dstates, du, dh0,
+            lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None, LOWP=LOWP,
+            num_warps=cfg.w_bstate,
+        )  # fmt: skip
+    elif N > 0:
+        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots)
+        _bwd_state_kernel[(triton.cdiv(V, bv), N * H)](
             q, k, G, W, W if Q is None else Q, do, dht if dht is not None else dh0, dstates, du,
             dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len, scale,
-            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_bstate, HAS_DHT=dht is not None,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None,
             USE_Q=use_q, STORE_DU=du_in_state, LOWP=LOWP, num_warps=cfg.w_bstate,
         )  # fmt: skip
+    if side is not None:
+        torch.cuda.current_stream(dev).wait_stream(side)
     if NC > 0:
         _bwd_chunk_kernel[(NC, H)](
             q, k, v, beta, do, G, Tinv, u, states, dstates, du,
@@ -901,25 +1103,27 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
 _L2_ROWS = 16  # rows per program of the l2norm kernels
 
 
-def _l2norm_fwd(x: torch.Tensor) -> torch.Tensor:
-    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` (float32 maths) in x's dtype."""
+def _l2norm_fwd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head ``x * rsqrt(sum(x^2) + 1e-6)`` (float32 maths) in x's dtype, and the float32
+    rsqrt per row."""
     D = x.shape[-1]
     R = x.numel() // D
     y = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float32)
     if R > 0:
         _l2norm_fwd_kernel[(triton.cdiv(R, _L2_ROWS),)](
-            x, y, R, D=D, DP=_pow2(D), BR=_L2_ROWS, num_warps=4
+            x, y, rstd, R, D=D, DP=_pow2(D), BR=_L2_ROWS, num_warps=4
         )
-    return y
+    return y, rstd
 
 
-def _l2norm_bwd(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    D = x.shape[-1]
-    R = x.numel() // D
-    dx = torch.empty_like(x)
+def _l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, dtype) -> torch.Tensor:
+    D = y.shape[-1]
+    R = y.numel() // D
+    dx = torch.empty(y.shape, device=y.device, dtype=dtype)
     if R > 0:
         _l2norm_bwd_kernel[(triton.cdiv(R, _L2_ROWS),)](
-            x, dy, dx, R, D=D, DP=_pow2(D), BR=_L2_ROWS, num_warps=4
+            y, rstd, dy, dx, R, D=D, DP=_pow2(D), BR=_L2_ROWS, num_warps=4
         )
     return dx
 
@@ -928,35 +1132,39 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     """Autograd wrapper over the token-major kernels ([T, H, *] inputs, batch rows flattened).
 
     With L2 the per-head L2 norm of q and k is part of the op: the forward normalises them into
-    fresh tensors of the input dtype (what the chunk kernels read), the backward normalises them
-    again instead of keeping copies, has the chunk kernels write dq, dk in float32 and applies the
-    norm's backward in one more kernel. Saved for the backward: the inputs plus G and Tinv
-    (``[NC, H, C]`` float32 and ``[NC, H, C, C]`` in the buffer dtype, ~C / (2 V) of v's size),
-    so the backward's recompute skips the UT inverse."""
+    fresh tensors of the input dtype (what the chunk kernels read) and keeps those with their
+    float32 rsqrt instead of the raw q, k (same memory; the backward needs nothing else), the
+    backward has the chunk kernels write dq, dk in float32 and applies the norm's backward in
+    one more kernel. Also saved: G and Tinv (``[NC, H, C]`` float32 and ``[NC, H, C, C]`` in the
+    buffer dtype, ~C / (2 V) of v's size), so the backward's recompute skips the UT inverse."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, lay, LOWP, L2):
-        qn, kn = (_l2norm_fwd(q), _l2norm_fwd(k)) if L2 else (q, k)
-        o, ht, G, Tinv = _forward(qn, kn, v, g, beta, h0, scale, lay, LOWP)
-        ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv)
+        if L2:
+            (q, rq), (k, rk) = _l2norm_fwd(q), _l2norm_fwd(k)
+        o, ht, G, Tinv = _forward(q, k, v, g, beta, h0, scale, lay, LOWP)
+        if L2:
+            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, rq, rk)
+        else:
+            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv)
         ctx.scale, ctx.lay, ctx.LOWP, ctx.L2 = scale, lay, LOWP, L2
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, G, Tinv = ctx.saved_tensors
+        q, k, v, g, beta, h0, G, Tinv, *rstd = ctx.saved_tensors
         L2 = ctx.L2
-        qn, kn = (_l2norm_fwd(q), _l2norm_fwd(k)) if L2 else (q, k)
         do = torch.zeros(v.shape, device=v.device, dtype=q.dtype) if do is None else do.contiguous()
         dht = None if dht is None else dht.contiguous()
         # float32 dq, dk ahead of the norm's backward, which subtracts their projection on q, k
         dqk_dtype = torch.float32 if L2 else q.dtype
         dq, dk, dv, dg, dbeta, dh0 = _backward(
-            qn, kn, v, g, beta, h0, G, Tinv, ctx.scale, ctx.lay, do, dht, ctx.LOWP, dqk_dtype
+            q, k, v, g, beta, h0, G, Tinv, ctx.scale, ctx.lay, do, dht, ctx.LOWP, dqk_dtype
         )
         if L2:
-            dq, dk = _l2norm_bwd(q, dq), _l2norm_bwd(k, dk)
+            dq = _l2norm_bwd(q, rstd[0], dq, q.dtype)
+            dk = _l2norm_bwd(k, rstd[1], dk, k.dtype)
         dh0 = None if h0 is None else dh0.to(h0.dtype)
         return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
 

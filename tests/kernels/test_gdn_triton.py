@@ -137,9 +137,18 @@ def test_packed_matches_reference(lens):
 
 
 # kernel variants selected by GDN_TRITON_CFG (the defaults are the fastest on the H200): the
-# reverse state pass on Q = W^T (k gam / Gam) with du formed by the chunk kernel or by the state
-# pass, or the two-product chain; the forward state pass with / without its register prefetch
-VARIANTS = ["qbwd=1,du_state=0", "qbwd=1,du_state=1", "qbwd=0,pf_fstate=0", "qbwd=0,pf_fstate=1"]
+# reverse state pass split into a chunk-parallel part and a one-product chain (qbwd=2), or on
+# Q = W^T (k gam / Gam) with du formed by the chunk kernel or by the state pass, or the
+# two-product chain; the forward state pass with / without its register prefetch,
+# also at narrow V slices
+VARIANTS = [
+    "qbwd=2",
+    "qbwd=2,bv_bstate=16,bv_rhs=16,overlap=1",
+    "qbwd=1,du_state=0",
+    "qbwd=1,du_state=1,bv_fstate=16,bv_bstate=32",
+    "qbwd=0,pf_fstate=0",
+    "qbwd=0,pf_fstate=1",
+]
 
 
 @pytest.mark.parametrize("cfg", VARIANTS)
