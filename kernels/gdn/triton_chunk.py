@@ -18,19 +18,23 @@ Backward (``dS'`` the gradient of the state leaving the chunk, ``dU' = Tinv^T du
     dA  = -strict_lower(dU' u^T)  (because u = Tinv Y with Y = beta v - beta Gam k S)
     dv  = beta dU',  dq, dk, dbeta, dG from the chunk-local terms; dg = reverse cumsum of dG.
 
-The second form of dS (``qbwd``, the default for K <= 128) leaves one product, ``Q dS'``, on the
-reverse pass's serial chain instead of two (``kdec dS'`` then ``W^T du``); ``Q`` [K, K] per chunk
-comes from the backward's prep.
+The second form of dS (``split_bwd``, the default for K <= 128) splits the reverse pass: the
+chunk-local ``B = (Gam q)^T do - W^T (M^T do)`` (M = (q k^T) * D) is computed chunk-parallel
+first, leaving one product, ``Q dS'``, on the serial chain instead of two (``kdec dS'`` then
+``W^T du``); ``Q`` [K, K] per chunk comes from the backward's prep.
 
 Kernels (grid in brackets; NC chunks over all sequences, N sequences, H heads):
 
 * ``_l2norm_fwd_kernel`` / ``_l2norm_bwd_kernel`` [rows / 16]  the optional per-head L2 norm of
-  q and k (the forward writes normalised q, k in the input dtype; the backward uses them and the forward's rstd)
+  q and k (the forward writes normalised q, k in the input dtype and keeps them with the float32
+  rsqrt per row; the backward needs nothing else)
 * ``_fwd_prep_kernel``   [NC, H]     G = cumsum(g), Tinv (recursive doubling), W and U; in the
   backward: reads G and Tinv, recomputes W, U and writes Q
 * ``_fwd_state_kernel``  [V/BV, N*H] sequential over a sequence's chunks: S per chunk, u, final S
 * ``_fwd_output_kernel`` [V/BV, NC, H] o
-* ``_bwd_state_kernel``  [V/BV, N*H] reverse over chunks: dS' per chunk, du, d(initial state)
+* ``_bwd_rhs_kernel``    [NC, H]     M^T do and B of one chunk (split_bwd)
+* ``_bwd_chain_kernel``  [V/BV, N*H] reverse over chunks: dS' per chunk, du, d(initial state)
+  (split_bwd; ``_bwd_state_kernel`` does the same from the inputs with two products per step)
 * ``_bwd_chunk_kernel``  [NC, H]     dq, dk, dv, dbeta, dg of one chunk
 
 Determinism: no atomics. Every output element is written by exactly one program, and every
@@ -485,13 +489,12 @@ def _bwd_state_load(c, tok0, n, h, v0, ok, q_ptr, k_ptr, G_ptr, W_ptr, do_ptr,
 
 @triton.jit
 def _bwd_state_step(
-    dS_KV, c, h, v0, q_CK, k_CK, do_CV, w_CK, G_C, G_last, dstates_ptr, du_ptr, Q_ptr, scale,
+    dS_KV, c, h, v0, q_CK, k_CK, do_CV, w_CK, G_C, G_last, dstates_ptr, du_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, USE_Q: tl.constexpr, STORE_DU: tl.constexpr,
-    LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
-    """One chunk of the reverse state pass: store dS' (and du unless USE_Q); return dS of the
-    entering state."""
+    """One chunk of the two-product reverse pass: store dS' and du; return dS of the entering
+    state."""
     S_mask = (tl.arange(0, KP)[:, None] < K) & (v0 + tl.arange(0, BV)[None, :] < V)
     dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
     tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
@@ -499,24 +502,6 @@ def _bwd_state_step(
     q_CK = q_CK.to(tl.float32) * scale
     k_CK = k_CK.to(tl.float32)
     M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
-    if USE_Q:
-        # dS = gam dS' - Q dS' + (Gam q)^T do - W^T (M^T do) with Q = W^T (k gam / Gam) from
-        # the prep: only Q dS' depends on the previous step, so the serial chain is one
-        # product instead of two (du is formed later by the chunk kernel)
-        Q_ptrs, Q_mask = _state_ptrs(Q_ptr, c, h, 0, 0, H, K, K, KP, KP)
-        Q_KK = tl.load(Q_ptrs, mask=Q_mask, other=0.0)
-        Mdo_CV = _dot(tl.trans(M_CC), do_CV, LOWP)
-        if STORE_DU:  # du off the chain here, or later in the chunk kernel
-            du_CV = Mdo_CV + _dot(k_CK * tl.exp(G_last - G_C)[:, None], dS_KV, LOWP)
-            du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
-            tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
-        qdec_CK = q_CK * tl.exp(G_C)[:, None]
-        return (
-            dS_KV * tl.exp(G_last)
-            - _dot(Q_KK, dS_KV, LOWP)
-            + _dot(tl.trans(qdec_CK), do_CV, LOWP)
-            - _dot(tl.trans(w_CK), Mdo_CV, LOWP)
-        )
     kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
     du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
     du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
@@ -532,12 +517,11 @@ def _bwd_state_step(
 
 @triton.jit
 def _bwd_state_kernel(
-    q_ptr, k_ptr, G_ptr, W_ptr, Q_ptr, do_ptr, dht_ptr,
+    q_ptr, k_ptr, G_ptr, W_ptr, do_ptr, dht_ptr,
     dstates_ptr, du_ptr, dh0_ptr,
     seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, USE_Q: tl.constexpr,
-    STORE_DU: tl.constexpr, LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
     """Reverse inter-chunk pass for one V-slice of one sequence and head. Writes dS' (gradient of
     the state leaving each chunk), du, and the gradient of the initial state."""
@@ -564,14 +548,14 @@ def _bwd_state_kernel(
         )  # fmt: skip
         dS_KV = _bwd_state_step(
             dS_KV, c0 + i, h, v0, q_CK, k_CK, do_CV, w_CK, G_C, G_last, dstates_ptr, du_ptr,
-            Q_ptr, scale, H, K, V, C, KP, BV, USE_Q, STORE_DU, LOWP,
+            scale, H, K, V, C, KP, BV, LOWP,
         )  # fmt: skip
         i -= 1
     dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(dh0_ptrs, dS_KV, mask=S_mask)
 
 
-# The reverse pass split in two (``qbwd=2``): everything that does not depend on the chain is
+# The reverse pass split in two (``split_bwd``): everything that does not depend on the chain is
 # computed chunk-parallel first (`_bwd_rhs_kernel`: M^T do and B = (Gam q)^T do - W^T M^T do),
 # leaving the serial kernel one product on its chain, dS = gam dS' - Q dS' + B, whose operands
 # are loaded one chunk ahead, plus du = M^T do + kdec dS' beside it. The prefetch index is
@@ -680,13 +664,11 @@ def _bwd_chunk_kernel(
     dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,  # outputs, token-major
     chunk_tok0_ptr, chunk_len_ptr, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, DU_FROM_DS: tl.constexpr, LOWP: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
-    """All input gradients of one chunk and head (chunk-local, given S, dS' and du).
-
-    With DU_FROM_DS the reverse state pass did not write du: it is formed here,
-    du = ((q k^T) * D)^T do + (k gam / Gam) dS'. du_ptr is overwritten with dU' = Tinv^T du
-    (read back in the K-block loop)."""
+    """All input gradients of one chunk and head (chunk-local, given S, dS' and du). du_ptr holds
+    du from the reverse pass and is overwritten with dU' = Tinv^T du (read back in the K-block
+    loop)."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     tok0 = tl.load(chunk_tok0_ptr + c)
@@ -721,14 +703,7 @@ def _bwd_chunk_kernel(
         u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
         u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0)
         du_ptrs, _ = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
-        if DU_FROM_DS:
-            du_CV = _dot(tl.trans(qk_CC * D_CC), do_CV, LOWP)
-            for k0 in range(0, K, BK):
-                kdec_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK) * tail_C[:, None]
-                dS_ptrs, dS_mask = _state_ptrs(dstates_ptr, c, h, k0, v0, H, K, V, BK, BV)
-                du_CV += _dot(kdec_CK, tl.load(dS_ptrs, mask=dS_mask, other=0.0), LOWP)
-        else:
-            du_CV = tl.load(du_ptrs, mask=u_mask, other=0.0)
+        du_CV = tl.load(du_ptrs, mask=u_mask, other=0.0)
         dUp_CV = _dot(tl.trans(Tinv_CC), du_CV, LOWP)
         tl.store(du_ptrs, dUp_CV.to(du_ptrs.dtype.element_ty), mask=u_mask)
         _store_tok(dv_ptr, dUp_CV * b_C[:, None], tok0, n, h, v0, H, V, C, BV)
@@ -869,12 +844,10 @@ class _Config:
     w_bchunk: int = 8
     slots: int = 0  # programs per wave for the automatic state-pass V slices (0: SM count)
     pf_fstate: int = 1  # one-chunk register prefetch in the forward state pass
-    qbwd: int = 0  # reverse pass on Q = W^T (k gam / Gam) from the prep; 2: split (rhs + chain)
-    w_rhs: int = 8  # _bwd_rhs_kernel (qbwd=2)
+    split_bwd: int = 1  # reverse pass = _bwd_rhs_kernel + _bwd_chain_kernel, else _bwd_state_kernel
+    w_rhs: int = 8  # _bwd_rhs_kernel
     bv_rhs: int = 64  # V block of _bwd_rhs_kernel
-    du_state: int = 0  # with qbwd: du formed by the state pass (off its chain), else by bwd chunk
     stages: int = 3  # num_stages of the chunk-parallel kernels (prep, output, bwd chunk)
-    overlap: int = 2  # backward's two state passes side by side: 1 / 0 always / never, 2 auto
 
 
 def _config(K: int, V: int, LOWP: int) -> _Config:
@@ -882,7 +855,7 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
     if KP <= 128:
         cfg = _Config(
             KP=KP, BK=min(KP, 64), BV=min(VP, 64), bv_out=min(VP, 128),
-            bv_fstate=0, bv_bstate=0, w_fstate=8, w_out=8, qbwd=1, du_state=1,
+            bv_fstate=0, bv_bstate=0, w_fstate=8, w_out=8,
         )  # fmt: skip
         # the output kernel is cheaper on exact 32-wide K blocks than on 64-wide padded ones
         # (K = 96: 0.70 vs 1.07 ms at 4 x 8192 x 30 heads)
@@ -890,7 +863,7 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
     else:  # K > 128: [K, K] tiles of Q and [K, 64] state slices would not fit in registers
         cfg = _Config(
             KP=KP, BK=64, BV=min(VP, 64), bv_out=min(VP, 64), bv_fstate=16, bv_bstate=16,
-            w_out=8, pf_fstate=0, qbwd=0,
+            w_out=8, pf_fstate=0, split_bwd=0,
         )  # fmt: skip
     if LOWP == _DOT_F32:
         # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch
@@ -934,12 +907,10 @@ def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
 
 
 def _prep_and_states(
-    k, v, g, beta, h0, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False,
-    defer_states=False,
-):  # fmt: skip
-    """Prep + forward state pass (not run with ``defer_states``: the caller runs _fwd_states).
-    G and Tinv are computed unless given (the backward passes the forward's). Returns (G, Tinv,
-    W, u, states, final_state, Q or None)."""
+    k, v, g, beta, h0, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False
+):
+    """Prep + forward state pass. G and Tinv are computed unless given (the backward passes the
+    forward's). Returns (G, Tinv, W, u, states, final_state, Q or None)."""
     T, H, K = k.shape
     V = v.shape[-1]
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
@@ -962,7 +933,7 @@ def _prep_and_states(
             HAVE_TINV=have_tinv, STORE_Q=store_q, LOWP=LOWP, num_warps=cfg.w_prep,
             num_stages=cfg.stages,
         )  # fmt: skip
-    if N > 0 and not defer_states:
+    if N > 0:
         _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
     return G, Tinv, W, u, states, ht, Q
 
@@ -980,22 +951,6 @@ def _fwd_states(k, G, W, u, states, h0, ht, lay: _Layout, cfg: _Config, LOWP: in
     )  # fmt: skip
 
 
-def _overlap_states(cfg: _Config, V: int, n_rows: int, device: torch.device) -> bool:
-    """Whether the backward runs its two state passes side by side: ``cfg.overlap`` 1 / 0 forces
-    it, 2 (default) when their programs together fit in 1.5 waves. (H200: 1 x 32768 x 30 heads x
-    96/192, 90 + 90 programs on 132 SMs: fwd+bwd 11.40 -> 10.38 ms; 32 heads x 128/128, 128 +
-    128: 10.47 -> 10.69 ms, the passes only slow each other down; 4 x 8192: no change.)"""
-    if device.type != "cuda" or n_rows == 0 or cfg.overlap == 0:
-        return False
-    if cfg.overlap == 1:
-        return True
-    progs = sum(
-        triton.cdiv(V, _state_bv(bv, V, n_rows, device, cfg.slots)) * n_rows
-        for bv in (cfg.bv_fstate, cfg.bv_bstate)
-    )
-    return progs <= 1.5 * (cfg.slots or _sm_count(device))
-
-
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -1005,16 +960,6 @@ def _sm_count(device: torch.device) -> int:
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    idx = _device_index(device)
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _SIDE_STREAMS[idx]
 
 
 def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
@@ -1039,24 +984,11 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
     V = v.shape[-1]
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
     cfg = _config(K, V, LOWP)
-    use_q = bool(cfg.qbwd)
-    du_in_state = cfg.qbwd == 2 or not use_q or bool(cfg.du_state)
-    G, Tinv, W, u, states, ht, Q = _prep_and_states(
-        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=use_q, defer_states=True
+    split = bool(cfg.split_bwd)
+    G, Tinv, W, u, states, _, Q = _prep_and_states(
+        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=split
     )
     dev = q.device
-    # The reverse state pass does not read the forward's states or u, so the forward state pass
-    # (the recompute) runs on a side stream beside it: both are serial over chunks and, with few
-    # sequences x heads (one long sequence), each leaves SMs idle (H200, 1 x 32768 x 30 heads x
-    # 96/192: 90 programs each on 132 SMs). Every buffer the side stream touches stays referenced
-    # until the main stream has waited for it, so the caching allocator cannot hand it out early.
-    side = _side_stream(dev) if _overlap_states(cfg, V, N * H, dev) else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
-    elif N > 0:
-        _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
     idt = _buffer_dtype(q, LOWP)
     dstates = torch.empty(NC, H, K, V, device=dev, dtype=idt)
     du = torch.empty(NC, H, C, V, device=dev, dtype=idt)
@@ -1065,36 +997,34 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
     dk = torch.empty(k.shape, device=dev, dtype=dqk_dtype)
     dv = torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
-    if N > 0 and cfg.qbwd == 2:
-        if NC > 0:  # M^T do into du, B into dstates
+    if N > 0:
+        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots)
+        grid = (triton.cdiv(V, bv), N * H)
+        dht_or_any = dht if dht is not None else dh0
+    if split and N > 0:
+        if NC > 0:  # M^T do into du, B into dstates (chunk-parallel)
             _bwd_rhs_kernel[(NC, H)](
                 q, k, do, G, W, du, dstates, lay.chunk_tok0, lay.chunk_len, scale,
                 H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_rhs, LOWP=LOWP, num_warps=cfg.w_rhs,
             )  # fmt: skip
-        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots)
-        _bwd_chain_kernel[(triton.cdiv(V, bv), N * H)](
-            k, G, Q, dht if dht is not None else dh0, dstates, du, dh0,
+        _bwd_chain_kernel[grid](
+            k, G, Q, dht_or_any, dstates, du, dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
             H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None, LOWP=LOWP,
             num_warps=cfg.w_bstate,
         )  # fmt: skip
     elif N > 0:
-        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots)
-        _bwd_state_kernel[(triton.cdiv(V, bv), N * H)](
-            q, k, G, W, W if Q is None else Q, do, dht if dht is not None else dh0, dstates, du,
-            dh0,
+        _bwd_state_kernel[grid](
+            q, k, G, W, do, dht_or_any, dstates, du, dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len, scale,
-            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None,
-            USE_Q=use_q, STORE_DU=du_in_state, LOWP=LOWP, num_warps=cfg.w_bstate,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None, LOWP=LOWP,
+            num_warps=cfg.w_bstate,
         )  # fmt: skip
-    if side is not None:
-        torch.cuda.current_stream(dev).wait_stream(side)
     if NC > 0:
         _bwd_chunk_kernel[(NC, H)](
             q, k, v, beta, do, G, Tinv, u, states, dstates, du,
             dq, dk, dv, dbeta, dg, lay.chunk_tok0, lay.chunk_len, scale,
-            H=H, K=K, V=V, C=C, BK=cfg.BK, BV=cfg.BV, DU_FROM_DS=not du_in_state, LOWP=LOWP,
-            num_warps=cfg.w_bchunk,
+            H=H, K=K, V=V, C=C, BK=cfg.BK, BV=cfg.BV, LOWP=LOWP, num_warps=cfg.w_bchunk,
             num_stages=cfg.stages,
         )  # fmt: skip
     return dq, dk, dv, dg, dbeta, dh0

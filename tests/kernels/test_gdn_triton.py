@@ -136,18 +136,14 @@ def test_packed_matches_reference(lens):
     assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
 
 
-# kernel variants selected by GDN_TRITON_CFG (the defaults are the fastest on the H200): the
-# reverse state pass split into a chunk-parallel part and a one-product chain (qbwd=2), or on
-# Q = W^T (k gam / Gam) with du formed by the chunk kernel or by the state pass, or the
-# two-product chain; the forward state pass with / without its register prefetch,
-# also at narrow V slices
+# kernel variants selected by GDN_TRITON_CFG (the defaults are the fastest on the H200): the split
+# reverse pass (default) at narrow V slices; the two-product reverse pass (split_bwd=0, what
+# K > 128 uses); the forward state pass with / without its register prefetch
 VARIANTS = [
-    "qbwd=2",
-    "qbwd=2,bv_bstate=16,bv_rhs=16,overlap=1",
-    "qbwd=1,du_state=0",
-    "qbwd=1,du_state=1,bv_fstate=16,bv_bstate=32",
-    "qbwd=0,pf_fstate=0",
-    "qbwd=0,pf_fstate=1",
+    "split_bwd=1,pf_fstate=0,bv_fstate=32",
+    "split_bwd=1,bv_bstate=16,bv_rhs=16",
+    "split_bwd=0,pf_fstate=0,bv_fstate=16,bv_bstate=32",
+    "split_bwd=0,pf_fstate=1",
 ]
 
 
@@ -157,6 +153,14 @@ def test_kernel_variants_match_reference(cfg, monkeypatch):
     lens = [1, 17, 130, 0, 64]
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     inputs = make_inputs(sum(lens), 24, 40, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=29)
+    assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+
+
+def test_head_dim_above_128():
+    """K > 128 takes the two-product reverse pass with [K, 16] state slices (see _config)."""
+    lens = [70, 9]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inputs = make_inputs(sum(lens), 136, 24, batch=1, n_seqs=2, l2=True, h0=True, seed=31)
     assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
 
 
