@@ -96,6 +96,26 @@ CASES = {  # name: (B, T, cu_seqlens lengths or None)
 @pytest.mark.parametrize("heads", list(HEADS.values()), ids=list(HEADS))
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_gpu_matches_reference_and_is_deterministic(case, heads, dtype):
+    check_against_references(case, heads, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_head_dim_above_128(dtype):
+    """K > 128: the two-product reverse pass with [K, 16] state slices (see _config)."""
+    check_against_references((1, None, [100, 0, 250]), (4, 192, 256), dtype)
+
+
+# non-default kernel settings (GDN_TRITON_CFG), bf16 at the Olmo head shape
+VARIANTS = ["split_bchunk=1", "split_bchunk=1,w_bkb=8", "split_bwd=0"]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_gpu_kernel_variants(cfg, monkeypatch):
+    monkeypatch.setenv("GDN_TRITON_CFG", cfg)
+    check_against_references(CASES["T1000"], HEADS["olmo_30h_k96_v192"], torch.bfloat16)
+
+
+def check_against_references(case, heads, dtype):
     B, T, lens = case
     H, K, V = heads
     cu = None
