@@ -445,7 +445,9 @@ def _fwd_output_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
-    """o = diag(Gam) q S + ((q k^T) * D) u for one chunk, head and V-slice."""
+    """o = diag(Gam) q S + ((q k^T) * D) u for one chunk, head and V-slice. q goes into the
+    products as stored; scale and Gam are applied to their float32 results (scaling q first would
+    round q * scale * Gam to 16 bits once more)."""
     v0 = tl.program_id(0) * BV
     c = tl.program_id(1)
     h = tl.program_id(2)
@@ -457,15 +459,16 @@ def _fwd_output_kernel(
     qk_CC = tl.full([C, C], 0.0, tl.float32)
     o_CV = tl.full([C, BV], 0.0, tl.float32)
     for k0 in range(0, K, BK):
-        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
+        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK)
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         qk_CC += _dot(q_CK, tl.trans(k_CK), LOWP)
         S_ptrs, S_mask = _state_ptrs(states_ptr, c, h, k0, v0, H, K, V, BK, BV)
         S_KV = tl.load(S_ptrs, mask=S_mask, other=0.0)
-        o_CV += _dot(q_CK * tl.exp(G_C)[:, None], S_KV, LOWP)
+        o_CV += _dot(q_CK, S_KV, LOWP)
+    o_CV *= (scale * tl.exp(G_C))[:, None]
     u_ptrs, u_mask = _chunk_ptrs(u_ptr, c, h, v0, H, V, C, BV)
     u_CV = tl.load(u_ptrs, mask=u_mask, other=0.0)
-    o_CV += _dot(qk_CC * _decay_CC(G_C, C, False), u_CV, LOWP)
+    o_CV += _dot(qk_CC * (scale * _decay_CC(G_C, C, False)), u_CV, LOWP)
     _store_tok(o_ptr, o_CV, tok0, n, h, v0, H, V, C, BV)
 
 
