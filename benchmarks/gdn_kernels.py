@@ -11,7 +11,8 @@ milliseconds, bf16 inputs, in-kernel q/k L2 norm, no initial state:
   (flash backend), same batch, tokens and heads, head dim 128.
 
 Also reports the bf16 forward error of ours and fla against a float32 reference (our chunked
-PyTorch implementation) at one shape, and (``--breakdown``) our per-kernel CUDA times.
+PyTorch implementation) at one shape, and (``--breakdown``) per-kernel CUDA times of ours and
+of fla.
 
     python benchmarks/gdn_kernels.py --out gdn_bench.json
 
@@ -123,13 +124,13 @@ def bf16_forward_errors(fla_gdn, shape) -> dict:
     return {"shape": shape, "reference": "chunk_torch float32", "errors": res}
 
 
-def kernel_breakdown(shape) -> dict:
-    """Per-kernel CUDA time (ms) of one fwd+bwd of ours, from torch.profiler."""
+def kernel_breakdown(shape, impl=chunk_gated_delta_rule_triton) -> dict:
+    """Per-kernel CUDA time (ms) of one fwd+bwd of ``impl`` (ours by default), torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     x = make_inputs(*shape)
     leaves = [t.requires_grad_(True) for t in x.values()]
-    fn = gdn_fn(chunk_gated_delta_rule_triton)
+    fn = gdn_fn(impl)
     for _ in range(2):
         fn(x).backward(torch.ones_like(fn(x)))
     torch.cuda.synchronize()
@@ -295,13 +296,18 @@ def main() -> None:
               f"rel L2 = {e['rel_l2_err']:.2e}")  # fmt: skip
 
     if args.breakdown:
+        sources = {"ours": chunk_gated_delta_rule_triton}
+        if fla_gdn is not None:  # where fla spends its time, to compare kernel by kernel
+            sources[FLA_LABEL] = fla_gdn
         for shape in shapes:
-            bd = kernel_breakdown(shape)
-            result.setdefault("breakdown_ms", {})[str(shape)] = bd
-            flush()
-            print(f"\nper-kernel CUDA ms, one fwd+bwd of ours at {shape}:")
-            for k, t in list(bd.items())[:14]:
-                print(f"  {t:8.3f}  {k[:90]}")
+            for name, impl in sources.items():
+                bd = kernel_breakdown(shape, impl)
+                key = str(shape) if name == "ours" else f"{name} {shape}"
+                result.setdefault("breakdown_ms", {})[key] = bd
+                flush()
+                print(f"\nper-kernel CUDA ms, one fwd+bwd of {name} at {shape}:")
+                for k, t in list(bd.items())[:16]:
+                    print(f"  {t:8.3f}  {k[:90]}")
     print(f"\nwrote {args.out}")
 
 
