@@ -10,6 +10,13 @@ milliseconds, bf16 inputs, in-kernel q/k L2 norm, no initial state:
 * ``sdpa causal (context)``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``
   (flash backend), same batch, tokens and heads, head dim 128.
 
+Columns: fwd and fwd+bwd ms, effective TFLOP/s (GDN: the chunked form's nominal matmul FLOPs,
+see ``gdn_fwd_flops``; attention: causal q k^T and P v; fwd+bwd counted as 3x / 3.5x the
+forward), peak CUDA memory of one fwd+bwd above the inputs, tokens per second. Shapes: Olmo
+(30 heads, 96/192) and 32 heads x 128/128, 32K tokens per batch at T = 4K, 8K, 32K and one 64K
+sequence (``--shapes`` picks by index). Then (unless ``--no-aux``) the layer's causal conv1d +
+SiLU and gated RMSNorm kernels vs their unfused torch versions at Olmo Hybrid 7B widths.
+
 Also reports the bf16 forward error of ours and fla against a float32 reference (our chunked
 PyTorch implementation) at one shape, and (``--breakdown``) per-kernel CUDA times of ours and
 of fla.
@@ -42,11 +49,30 @@ except ImportError:  # run from a checkout without the package installed
 from kernels.gdn.chunk_torch import chunk_gated_delta_rule_torch  # noqa: E402
 from kernels.gdn.triton_chunk import chunk_gated_delta_rule_triton  # noqa: E402
 
-SHAPES = [  # (B, T, H, K, V)
-    (4, 8192, 30, 96, 192),
+SHAPES = [  # (B, T, H, K, V): 32K tokens per batch, and one 64K sequence
+    (4, 8192, 30, 96, 192),  # 0-2: the shapes quoted in BENCHMARKS.md
     (1, 32768, 30, 96, 192),
     (1, 32768, 32, 128, 128),
+    (8, 4096, 30, 96, 192),
+    (1, 65536, 30, 96, 192),
+    (8, 4096, 32, 128, 128),
+    (4, 8192, 32, 128, 128),
+    (1, 65536, 32, 128, 128),
 ]
+CHUNK = 64  # the chunk size of the nominal FLOP count
+
+
+def gdn_fwd_flops(B, T, H, K, V) -> float:
+    """Nominal matmul FLOPs of the chunked forward (chunk C = 64, UT inverse not counted): per
+    token and head k k^T, W, q k^T (C K each), U, A u (C V each), W S, q S, k^T u (K V each)."""
+    return 2.0 * B * T * H * (3 * CHUNK * K + 2 * CHUNK * V + 3 * K * V)
+
+
+def sdpa_fwd_flops(B, T, H, D) -> float:
+    """Causal attention forward: q k^T and P v over the lower triangle."""
+    return 2.0 * B * H * T * T * D
+
+
 FLA_LABEL = "fla (guard bypassed, timing only)"
 
 
@@ -84,6 +110,21 @@ def gdn_fn(impl):
 
 def sdpa_fn(inputs):
     return F.scaled_dot_product_attention(*inputs, is_causal=True)
+
+
+def peak_mib(fn, inputs, leaves) -> float:
+    """Peak CUDA memory of one fwd+bwd above what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn(inputs)
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    for t in leaves:
+        t.grad = None
+    return peak / 2**20
 
 
 def bench(fn, inputs, leaves, backward: bool) -> float:
@@ -217,11 +258,55 @@ def sweep_one(cfg: str, shape, out_path: str) -> None:
           f"max bf16 rel err {worst:.1e} | {kern}", flush=True)  # fmt: skip
 
 
+def conv_and_norm_rows(T: int = 32768, H: int = 30, K: int = 96, V: int = 192) -> list[dict]:
+    """The GDN layer's other two kernels at Olmo Hybrid 7B widths, ours vs the unfused torch
+    versions, bf16: causal conv1d + SiLU (W = 4) over the q, k, v channels (H (2K + V)), and the
+    gated RMSNorm on T H rows of width V (gate as the mixer's strided view of its projection)."""
+    from kernels.conv import causal_conv1d_torch
+    from kernels.conv_triton import causal_conv1d_triton
+    from kernels.gated_rmsnorm import gated_rmsnorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda").to(torch.bfloat16)
+
+    C, W = H * (2 * K + V), 4
+    x, w = randn(1, T, C).requires_grad_(True), (0.5 * randn(C, W)).requires_grad_(True)
+    xn = randn(1, T, H, V).requires_grad_(True)
+    proj = randn(1, T, H, 2 * K + 2 * V)
+    gate, nw = proj[..., 2 * K + V :], (1 + 0.3 * randn(V)).requires_grad_(True)
+    cases = [
+        ("conv1d+silu", f"[1, {T}, {C}] W={W}", (x, w), {
+            "ours": lambda _: causal_conv1d_triton(x, w, None, "silu"),
+            "torch (unfused)": lambda _: causal_conv1d_torch(x, w, None, "silu"),
+        }),
+        ("gated rmsnorm", f"[{T * H}, {V}]", (xn, nw), {
+            "ours": lambda _: gated_rmsnorm(xn, gate, nw, backend="triton"),
+            "torch (unfused)": lambda _: gated_rmsnorm(xn, gate, nw, backend="torch"),
+        }),
+    ]  # fmt: skip
+    rows = []
+    print(f"\n{'op':14s} {'shape':24s} {'impl':16s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} "
+          f"{'peak MiB':>9s}")  # fmt: skip
+    for op, shape, leaves, impls in cases:
+        for name, fn in impls.items():
+            fn(None).sum().backward()  # compile outside the timing
+            fwd = bench(fn, None, list(leaves), backward=False)
+            fwdbwd = bench(fn, None, list(leaves), backward=True)
+            peak = peak_mib(fn, None, list(leaves))
+            rows.append(dict(op=op, shape=shape, impl=name, fwd_ms=fwd, fwd_bwd_ms=fwdbwd,
+                             peak_mib=peak))  # fmt: skip
+            print(f"{op:14s} {shape:24s} {name:16s} {fwd:8.3f} {fwdbwd:11.3f} {peak:9.0f}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON output path")
     ap.add_argument("--no-fla", action="store_true")
-    ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours")
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours and fla")
+    ap.add_argument("--no-aux", action="store_true", help="skip the conv1d / gated-norm rows")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
     ap.add_argument("--sweep", help="';'-separated GDN_TRITON_CFG settings to compare")
     ap.add_argument("--sweep-one", help=argparse.SUPPRESS)  # one setting (a --sweep child)
@@ -254,8 +339,23 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     print(f"{'impl':38s} {'B':>2s} {'T':>6s} {'H':>3s} {'K':>4s} {'V':>4s} {'fwd ms':>8s} "
-          f"{'fwd+bwd ms':>11s} {'Mtok/s f+b':>10s}", flush=True)  # fmt: skip
+          f"{'fwd+bwd ms':>11s} {'TF/s fwd':>8s} {'TF/s f+b':>8s} {'peak MiB':>9s} "
+          f"{'Mtok/s f+b':>10s}", flush=True)  # fmt: skip
+
+    def report(name, B, T, H, K, V, fwd, fwdbwd, flops, peak, **extra):
+        # fwd+bwd counted as 3 x the forward's FLOPs for GDN, 3.5 x for attention (the usual
+        # conventions: a backward has twice / 2.5 times the forward's matmul work)
+        tf_f, tf_fb = flops[0] / fwd / 1e9, flops[1] / fwdbwd / 1e9
+        result["rows"].append(dict(impl=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=fwd,
+                                   fwd_bwd_ms=fwdbwd, tflops_fwd=tf_f, tflops_fwd_bwd=tf_fb,
+                                   peak_mib=peak, **extra))  # fmt: skip
+        flush()
+        print(f"{name:38s} {B:2d} {T:6d} {H:3d} {K:4d} {V:4d} {fwd:8.2f} {fwdbwd:11.2f} "
+              f"{tf_f:8.1f} {tf_fb:8.1f} {peak:9.0f} {B * T / fwdbwd / 1e3:10.2f}",
+              flush=True)  # fmt: skip
+
     for B, T, H, K, V in shapes:
+        flops = gdn_fwd_flops(B, T, H, K, V)
         for name, fn in impls.items():
             x = make_inputs(B, T, H, K, V)
             leaves = [t.requires_grad_(True) for t in x.values()]
@@ -264,13 +364,10 @@ def main() -> None:
             warm_s = time.time() - t0
             fwd = bench(fn, x, leaves, backward=False)
             fwdbwd = bench(fn, x, leaves, backward=True)
+            peak = peak_mib(fn, x, leaves)
             del x, leaves
-            row = dict(impl=name, B=B, T=T, H=H, K=K, V=V, fwd_ms=fwd, fwd_bwd_ms=fwdbwd,
-                       first_call_s=warm_s)  # fmt: skip
-            result["rows"].append(row)
-            flush()
-            print(f"{name:38s} {B:2d} {T:6d} {H:3d} {K:4d} {V:4d} {fwd:8.2f} {fwdbwd:11.2f} "
-                  f"{B * T / fwdbwd / 1e3:10.2f}", flush=True)  # fmt: skip
+            report(name, B, T, H, K, V, fwd, fwdbwd, (flops, 3 * flops), peak,
+                   first_call_s=warm_s)  # fmt: skip
         D = 128
         qkv = [
             torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -278,14 +375,15 @@ def main() -> None:
         ]
         fwd = bench(sdpa_fn, qkv, qkv, backward=False)
         fwdbwd = bench(sdpa_fn, qkv, qkv, backward=True)
-        name = "sdpa causal (context, head dim 128)"
-        result["rows"].append(dict(impl=name, B=B, T=T, H=H, K=D, V=D, fwd_ms=fwd,
-                                   fwd_bwd_ms=fwdbwd))  # fmt: skip
-        flush()
-        print(f"{name:38s} {B:2d} {T:6d} {H:3d} {D:4d} {D:4d} {fwd:8.2f} {fwdbwd:11.2f} "
-              f"{B * T / fwdbwd / 1e3:10.2f}", flush=True)  # fmt: skip
+        peak = peak_mib(sdpa_fn, qkv, qkv)
+        flops = sdpa_fwd_flops(B, T, H, D)
+        report("sdpa causal (context, head dim 128)", B, T, H, D, D, fwd, fwdbwd,
+               (flops, 3.5 * flops), peak)  # fmt: skip
         del qkv
         torch.cuda.empty_cache()
+    if not args.no_aux:
+        result["conv_and_norm"] = conv_and_norm_rows()
+        flush()
 
     err_shape = (1, 8192, 30, 96, 192)
     result["bf16_forward_error"] = bf16_forward_errors(fla_gdn, err_shape)

@@ -3,7 +3,8 @@
 Olmo Hybrid: 30 GDN heads, K = 96, V = 192, conv width 4, so C = 30 * (96 + 96 + 192) = 11520
 conv channels, and the norm runs on T * 30 rows of width 192.
 
-Run: ``python3 -m pytest -q -s -m gpu tests/kernels/test_conv_norm_gpu.py`` (-s prints timings).
+Run: ``python3 -m pytest -q -s -m gpu tests/kernels/test_conv_norm_gpu.py`` (-s prints the
+errors). Timings: ``benchmarks/gdn_kernels.py`` (its conv1d / gated-norm rows).
 """
 
 import sys
@@ -31,21 +32,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     ref = b.norm()
     return (a - b).norm().item() if ref == 0 else ((a - b).norm() / ref).item()
-
-
-def bench_ms(fn, iters: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
-# ---- conv ---------------------------------------------------------------------------------
 
 
 def conv_inputs(dtype, seed=0):
@@ -100,19 +86,6 @@ def test_conv_bf16_and_determinism():
         assert torch.equal(out[n], again[n]), n
 
 
-def test_conv_timing():
-    from kernels.conv import causal_conv1d_torch
-    from kernels.conv_triton import causal_conv1d_triton
-
-    x, w, h, dy, df = conv_inputs(torch.bfloat16, seed=2)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    for name, fn in (("triton", causal_conv1d_triton), ("torch", causal_conv1d_torch)):
-        fwd = bench_ms(lambda fn=fn: fn(x, w, None, "silu", h))
-        fb = bench_ms(lambda fn=fn: torch.autograd.grad(fn(x, w, None, "silu", h), (x, w), dy))
-        print(f"\nconv bf16 [1, {T}, {C}] W={W} {name}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms")
-
-
 # ---- gated RMSNorm ------------------------------------------------------------------------
 
 
@@ -154,17 +127,3 @@ def test_norm_bf16_and_determinism():
     again = norm_run("triton", x, gate, w, dy)
     for n in out:
         assert torch.equal(out[n], again[n]), n
-
-
-def test_norm_timing():
-    from kernels.gated_rmsnorm import gated_rmsnorm
-
-    x, gate, w, dy = norm_inputs(torch.bfloat16, seed=2)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    for backend in ("triton", "torch"):
-        fwd = bench_ms(lambda b=backend: gated_rmsnorm(x, gate, w, backend=b))
-        fb = bench_ms(
-            lambda b=backend: torch.autograd.grad(gated_rmsnorm(x, gate, w, backend=b), (x, w), dy)
-        )
-        print(f"\nnorm bf16 [{T * HEADS}, {V}] {backend}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms")
