@@ -112,6 +112,9 @@ def _cumsum(x, axis: tl.constexpr, reverse: tl.constexpr = False):
 # Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): there, round the
 # operands to bfloat16 and multiply in float32, which is what the tensor cores compute.
 _BF16_DOT_IN_F32: tl.constexpr = tl.constexpr(_INTERPRETED)
+# Loops whose trip count is loaded from memory can be `for` loops with software pipelining
+# (tl.range num_stages) only when compiled: the interpreter cannot range() over a loaded bound.
+_COMPILED: tl.constexpr = tl.constexpr(not _INTERPRETED)
 
 
 @triton.jit
@@ -391,10 +394,12 @@ def _fwd_state_kernel(
     seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     KP: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, PREFETCH: tl.constexpr,
-    LOWP: tl.constexpr,
+    PIPE: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
     """Inter-chunk recurrence for one V-slice of one sequence and head (sequential over chunks).
-    Writes the state entering every chunk, u = U - W S in place of U, and the final state."""
+    Writes the state entering every chunk, u = U - W S in place of U, and the final state. With
+    PIPE > 0 (compiled only) the chunk loop is a `for` loop that Triton software-pipelines over
+    PIPE stages (the loads of later chunks in flight into shared memory) instead of PREFETCH."""
     v0 = tl.program_id(0) * BV
     s = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -408,32 +413,43 @@ def _fwd_state_kernel(
         S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         S_KV = tl.full([KP, BV], 0.0, tl.float32)
-    if PREFETCH:
-        w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
-            c0, bos, tl.minimum(L, C), h, v0, nc > 0,
-            k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
-        )  # fmt: skip
-    # a while loop: Triton's interpreter cannot range() over a loaded bound
-    i = nc * 0
-    while i < nc:
-        if PREFETCH:
-            j = i + 1
-            w_nx, U_nx, k_nx, G_nx, Gl_nx = _fwd_state_load(
-                c0 + j, bos + j * C, tl.minimum(L - j * C, C), h, v0, j < nc,
-                k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
-            )  # fmt: skip
-        else:
+    if PIPE > 0 and _COMPILED:
+        for i in tl.range(0, nc, num_stages=PIPE):
             w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
                 c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0, i < nc,
                 k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
             )  # fmt: skip
-        S_KV = _fwd_state_step(
-            S_KV, c0 + i, h, v0, w_CK, U_CV, k_CK, G_C, G_last, U_ptr, states_ptr,
-            H, K, V, C, KP, BV, LOWP,
-        )  # fmt: skip
+            S_KV = _fwd_state_step(
+                S_KV, c0 + i, h, v0, w_CK, U_CV, k_CK, G_C, G_last, U_ptr, states_ptr,
+                H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
+    else:
         if PREFETCH:
-            w_CK, U_CV, k_CK, G_C, G_last = w_nx, U_nx, k_nx, G_nx, Gl_nx
-        i += 1
+            w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
+                c0, bos, tl.minimum(L, C), h, v0, nc > 0,
+                k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
+            )  # fmt: skip
+        # a while loop: Triton's interpreter cannot range() over a loaded bound
+        i = nc * 0
+        while i < nc:
+            if PREFETCH:
+                j = i + 1
+                w_nx, U_nx, k_nx, G_nx, Gl_nx = _fwd_state_load(
+                    c0 + j, bos + j * C, tl.minimum(L - j * C, C), h, v0, j < nc,
+                    k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
+                )  # fmt: skip
+            else:
+                w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
+                    c0 + i, bos + i * C, tl.minimum(L - i * C, C), h, v0, i < nc,
+                    k_ptr, G_ptr, W_ptr, U_ptr, H, K, V, C, KP, BV,
+                )  # fmt: skip
+            S_KV = _fwd_state_step(
+                S_KV, c0 + i, h, v0, w_CK, U_CV, k_CK, G_C, G_last, U_ptr, states_ptr,
+                H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
+            if PREFETCH:
+                w_CK, U_CV, k_CK, G_C, G_last = w_nx, U_nx, k_nx, G_nx, Gl_nx
+            i += 1
     ht_ptrs, _ = _state_ptrs(ht_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(ht_ptrs, S_KV, mask=S_mask)
 
@@ -609,14 +625,38 @@ def _bwd_chain_load(c, h, v0, Q_ptr, B_ptr, G_ptr, H: tl.constexpr, K: tl.conste
 
 
 @triton.jit
+def _bwd_chain_step(
+    dS_KV, Q_KK, B_KV, G_last, c, i, h, v0, bos, L, S_mask, k_ptr, G_ptr, dstates_ptr, du_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+):  # fmt: skip
+    """Chunk c (the sequence's i-th) of the reverse chain: store dS' and du, return dS."""
+    # off the chain, for du: issued first, used after the chain product
+    k_CK = _load_tok(k_ptr, bos + i * C, tl.minimum(L - i * C, C), h, 0, H, K, C, KP)
+    du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
+    Mdo_CV = tl.load(du_ptrs, mask=du_mask, other=0.0).to(tl.float32)
+    G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
+
+    dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
+    tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
+    dS_in = dS_KV * tl.exp(G_last) - _dot(Q_KK, dS_KV, LOWP) + B_KV.to(tl.float32)
+    kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
+    du_CV = Mdo_CV + _dot(kdec_CK, dS_KV, LOWP)
+    tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
+    return dS_in
+
+
+@triton.jit
 def _bwd_chain_kernel(
     k_ptr, G_ptr, Q_ptr, dht_ptr, dstates_ptr, du_ptr, dh0_ptr,
     seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, PIPE: tl.constexpr,
+    LOWP: tl.constexpr,
 ):  # fmt: skip
     """Reverse pass for one V-slice of one sequence and head: dstates[c] holds B_c on entry and
-    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + kdec dS'_c."""
+    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + kdec dS'_c. With
+    PIPE > 0 (compiled only) a software-pipelined `for` loop replaces the register prefetch."""
     v0 = tl.program_id(0) * BV
     s = tl.program_id(1) // H
     h = tl.program_id(1) % H
@@ -624,38 +664,39 @@ def _bwd_chain_kernel(
     nc = tl.load(seq_nchunks_ptr + s)
     bos = tl.load(seq_tok0_ptr + s)
     L = tl.load(seq_len_ptr + s)
-    t_C = tl.arange(0, C)
 
     dS_ptrs0, S_mask = _state_ptrs(dht_ptr, s, h, 0, v0, H, K, V, KP, BV)
     if HAS_DHT:
         dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
     else:
         dS_KV = tl.full([KP, BV], 0.0, tl.float32)
-    if nc > 0:
-        Q_KK, B_KV, G_last = _bwd_chain_load(
-            c0 + nc - 1, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
-        )
-        i = nc - 1
-        while i >= 0:
-            c = c0 + i
-            Q_nx, B_nx, Gl_nx = _bwd_chain_load(
-                c0 + tl.maximum(i - 1, 0), h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
+    if PIPE > 0 and _COMPILED:
+        for j in tl.range(0, nc, num_stages=PIPE):
+            i = nc - 1 - j
+            Q_KK, B_KV, G_last = _bwd_chain_load(
+                c0 + i, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
             )
-            # off the chain, for du: issued now, used after the chain product
-            k_CK = _load_tok(k_ptr, bos + i * C, tl.minimum(L - i * C, C), h, 0, H, K, C, KP)
-            du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
-            Mdo_CV = tl.load(du_ptrs, mask=du_mask, other=0.0).to(tl.float32)
-            G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
-
-            dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
-            tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
-            dS_in = dS_KV * tl.exp(G_last) - _dot(Q_KK, dS_KV, LOWP) + B_KV.to(tl.float32)
-            kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
-            du_CV = Mdo_CV + _dot(kdec_CK, dS_KV, LOWP)
-            tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
-            dS_KV = dS_in
-            Q_KK, B_KV, G_last = Q_nx, B_nx, Gl_nx
-            i -= 1
+            dS_KV = _bwd_chain_step(
+                dS_KV, Q_KK, B_KV, G_last, c0 + i, i, h, v0, bos, L, S_mask,
+                k_ptr, G_ptr, dstates_ptr, du_ptr, H, K, V, C, KP, BV, LOWP,
+            )  # fmt: skip
+    else:
+        if nc > 0:
+            Q_KK, B_KV, G_last = _bwd_chain_load(
+                c0 + nc - 1, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
+            )
+            i = nc - 1
+            while i >= 0:
+                Q_nx, B_nx, Gl_nx = _bwd_chain_load(
+                    c0 + tl.maximum(i - 1, 0), h, v0, Q_ptr, dstates_ptr, G_ptr,
+                    H, K, V, C, KP, BV,
+                )  # fmt: skip
+                dS_KV = _bwd_chain_step(
+                    dS_KV, Q_KK, B_KV, G_last, c0 + i, i, h, v0, bos, L, S_mask,
+                    k_ptr, G_ptr, dstates_ptr, du_ptr, H, K, V, C, KP, BV, LOWP,
+                )  # fmt: skip
+                Q_KK, B_KV, G_last = Q_nx, B_nx, Gl_nx
+                i -= 1
     dh0_ptrs, _ = _state_ptrs(dh0_ptr, s, h, 0, v0, H, K, V, KP, BV)
     tl.store(dh0_ptrs, dS_KV, mask=S_mask)
 
@@ -1008,6 +1049,8 @@ class _Config:
     w_bchunk: int = 8
     slots: int = 0  # programs per wave for the automatic state-pass V slices (0: SM count)
     pf_fstate: int = 1  # one-chunk register prefetch in the forward state pass
+    pipe_fstate: int = 0  # > 0: software-pipelined chunk loop of that many stages instead
+    pipe_bstate: int = 0  # the same for the reverse chain (_bwd_chain_kernel)
     split_bwd: int = 1  # reverse pass = _bwd_rhs_kernel + _bwd_chain_kernel, else _bwd_state_kernel
     split_bchunk: int = 0  # bwd chunk kernel as three kernels, the middle one per K block
     w_bkb: int = 4  # _bwd_kblock_kernel (split_bchunk)
@@ -1114,7 +1157,7 @@ def _fwd_states(k, G, W, u, states, h0, ht, lay: _Layout, cfg: _Config, LOWP: in
         k, G, W, u, h0 if h0 is not None else ht, states, ht,
         lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
         H=H, K=K, V=V, C=CHUNK, KP=cfg.KP, BV=bv, HAS_H0=h0 is not None,
-        PREFETCH=bool(cfg.pf_fstate), LOWP=LOWP, num_warps=cfg.w_fstate,
+        PREFETCH=bool(cfg.pf_fstate), PIPE=cfg.pipe_fstate, LOWP=LOWP, num_warps=cfg.w_fstate,
     )  # fmt: skip
 
 
@@ -1177,8 +1220,8 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
         _bwd_chain_kernel[grid](
             k, G, Q, dht_or_any, dstates, du, dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
-            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None, LOWP=LOWP,
-            num_warps=cfg.w_bstate,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None,
+            PIPE=cfg.pipe_bstate, LOWP=LOWP, num_warps=cfg.w_bstate,
         )  # fmt: skip
     elif N > 0:
         _bwd_state_kernel[grid](

@@ -106,7 +106,12 @@ def test_gpu_head_dim_above_128(dtype):
 
 
 # non-default kernel settings (GDN_TRITON_CFG), bf16 at the Olmo head shape
-VARIANTS = ["split_bchunk=1", "split_bchunk=1,w_bkb=8", "split_bwd=0"]
+VARIANTS = [
+    "split_bchunk=1",
+    "split_bchunk=1,w_bkb=8",
+    "split_bwd=0",
+    "pipe_fstate=2,pipe_bstate=2",
+]
 
 
 @pytest.mark.parametrize("cfg", VARIANTS)
