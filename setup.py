@@ -30,7 +30,11 @@ setup(
     description=__doc__,
     python_requires=">=3.12",
     packages=find_packages(include=["megatron_hybrid", "megatron_hybrid.*"])
-    + ["megatron_hybrid.kernels", "megatron_hybrid.kernels.gdn"],
+    + [
+        "megatron_hybrid.kernels",
+        "megatron_hybrid.kernels.gdn",
+        "megatron_hybrid.kernels.gdn.chunk_kernels",
+    ],
     # Our GPU kernels live in the top-level kernels/ folder but are imported as
     # megatron_hybrid.kernels (the layout users asked for).
     package_dir={"megatron_hybrid.kernels": "kernels"},

@@ -5,7 +5,7 @@ Tiers (dependencies flow downward only):
     megatron_hybrid.models.olmo_hybrid  config + presets, layer specs, model builder, HF mapping
     megatron_hybrid.layers              GDN mixer, Olmo attention, norms, MLP layer
     megatron_hybrid.parallel            process groups, CPU shim, TP collectives
-    megatron_hybrid.kernels             GDN ops (pure-PyTorch reference now, Triton later)
+    megatron_hybrid.kernels             GDN ops (our Triton kernels, PyTorch references)
 """
 
 __version__ = "0.1.0"

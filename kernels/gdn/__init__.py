@@ -1,6 +1,7 @@
 """Gated DeltaNet (GDN) kernels: the dispatching entry point and its reference implementations.
 
-The Triton implementations live in :mod:`.triton_chunk` (chunked forward + backward) and
+The Triton implementations live in :mod:`.triton_chunk` (chunked forward + backward; device code
+in :mod:`.chunk_kernels`) and
 :mod:`.triton_step` (single-token decode); they import triton lazily through the functions below.
 """
 
