@@ -20,8 +20,8 @@ _INTERPRETED = bool(triton.knobs.runtime.interpret)
 # Sums and scans call tl.reduce / tl.associative_scan with triton's own sum combiner rather than
 # tl.sum / tl.cumsum, and zeros come from tl.full rather than tl.zeros: those three are
 # @triton.jit functions of triton.language, decorated once when triton is imported, which a
-# module copy built for the interpreter later in the process (see triton_chunk._kernel_package) cannot call.
-# The interpreter recognises the sum combiner and reduces with numpy.
+# package copy built for the interpreter later in the process (triton_chunk._kernel_package)
+# cannot call. The interpreter recognises the sum combiner and reduces with numpy.
 
 
 @triton.jit
