@@ -39,10 +39,11 @@ def _bwd_local(
     qk_CC = tl.full([C, C], 0.0, tl.float32)
     kk_CC = tl.full([C, C], 0.0, tl.float32)
     for k0 in range(0, K, BK):
-        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
+        q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK)
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
         qk_CC += _dot(q_CK, tl.trans(k_CK), LOWP)
         kk_CC += _dot(k_CK, tl.trans(k_CK), LOWP)
+    qk_CC *= scale  # (q enters the products as stored: one 16-bit rounding less)
 
     # phase 2: V-contractions with u: dM = do u^T, dU' = Tinv^T du, dA = -dU' u^T; dv
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
@@ -103,19 +104,19 @@ def _bwd_kblock(
         acc_u += _dot(u_CV, tl.trans(dS_KV), LOWP)
         acc_y += _dot(dUp_CV, tl.trans(S_KV), LOWP)
         dgam += _sum(S_KV * dS_KV, axis=1)
-    q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK) * scale
+    q_CK = _load_tok(q_ptr, tok0, n, h, k0, H, K, C, BK)  # unscaled: scale goes on the results
     k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
     dq_CK = Gam_C[:, None] * acc_q + _dot(dP_CC, k_CK, LOWP)
     dk_CK = (
         tail_C[:, None] * acc_u
         - (b_C * Gam_C)[:, None] * acc_y
-        + _dot(tl.trans(dP_CC), q_CK, LOWP)
+        + _dot(tl.trans(dP_CC), q_CK, LOWP) * scale
         + _dot(dB_CC + tl.trans(dB_CC), k_CK, LOWP)
     )
     _store_tok(dq_ptr, dq_CK * scale, tok0, n, h, k0, H, K, C, BK)
     _store_tok(dk_ptr, dk_CK, tok0, n, h, k0, H, K, C, BK)
     return (
-        _sum(q_CK * acc_q, axis=1),
+        _sum(q_CK * acc_q, axis=1) * scale,
         _sum(k_CK * acc_y, axis=1),
         _sum(k_CK * acc_u, axis=1),
         dgam,
