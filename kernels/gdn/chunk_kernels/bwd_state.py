@@ -121,12 +121,12 @@ def _bwd_rhs_kernel(
     tok0 = tl.load(chunk_tok0_ptr + c)
     n = tl.load(chunk_len_ptr + c)
     G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + tl.arange(0, C))
-    q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP) * scale
+    q_CK = _load_tok(q_ptr, tok0, n, h, 0, H, K, C, KP)  # unscaled: scale goes on M (exact)
     k_CK = _load_tok(k_ptr, tok0, n, h, 0, H, K, C, KP)
     w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, 0, H, K, C, KP)
     w_CK = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
-    qdec_CK = q_CK * tl.exp(G_C)[:, None]
+    M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * (scale * _decay_CC(G_C, C, False))
+    qdec_CK = q_CK * (scale * tl.exp(G_C))[:, None]
     for v0 in range(0, V, BV):
         do_CV = _load_tok(do_ptr, tok0, n, h, v0, H, V, C, BV)
         Mdo_CV = _dot(tl.trans(M_CC), do_CV, LOWP)
