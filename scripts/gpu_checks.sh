@@ -5,7 +5,13 @@
 #   2. the olmo_hybrid_1b preset trained on the stdlib demo corpus (loss, tokens/s/GPU, MFU)
 #   3. that 1B checkpoint -> HF (validated against transformers) -> ours -> HF (bitwise), then
 #      generation and held-out perplexity on the GPU with tools/generate.py
-# STEPS selects (default "parity demo convert"); ITERS the demo's iterations.
+#   4. the GDN kernels (kernels/gdn): ktests = the GPU kernel tests (correctness, determinism,
+#      K > 128, non-default settings), ksweep = our kernels under several GDN_TRITON_CFG settings
+#      (SWEEP) at shapes KSWEEP, kbench = the table against fla (guard bypassed, timing only)
+#      and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows. fla is
+#      installed from FLA_WHEELS into its own folder for kbench only (the model never uses it).
+# STEPS selects (default "parity demo convert"; kernel steps only when named); ITERS the demo's
+# iterations. Each kernel step fits one 10-minute device call (ktests ~5 min).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache TORCHDYNAMO_DISABLE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -61,4 +67,25 @@ python3 tools/generate.py --load $CK --prompt "    def __init__(self" --max-new-
 python3 tools/generate.py --load $CK --eval-file /tmp/heldout.jsonl --no-progress 2>&1 | tail -1
 python3 tools/generate.py --load $CK --eval-file /tmp/heldout.jsonl --no-progress --eval-window 256 \
   2>&1 | tail -1
+fi
+if want ktests; then
+echo "== 4a. GDN kernels: GPU tests"
+python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_gdn_triton_gpu.py \
+  tests/kernels/test_conv_norm_gpu.py 2>&1 | grep -E "rel errors|^  o=|passed|failed|Error" | tail -80
+fi
+if want ksweep; then
+echo "== 4b. GDN kernels: settings sweep"
+for shape in ${KSWEEP:-0 2}; do
+  python3 benchmarks/gdn_kernels.py --no-fla --shapes "$shape" --out "$OUT/sweep$shape.json" \
+    --sweep "${SWEEP:-;split_bchunk=1;split_bchunk=1,w_bkb=8;pipe_fstate=2;pipe_bstate=2}" \
+    2>&1 | grep "^\["
+done
+fi
+if want kbench; then
+echo "== 4c. GDN kernels vs fla and SDPA"
+FLA=${FLA_WHEELS:-/tmp/gpu/wheels}
+python3 -m pip install -q --no-index --no-deps --target /tmp/fla_site "$FLA"/fla_core-*.whl \
+  "$FLA"/flash_linear_attention-*.whl /tmp/gpu/extra/einops-*.whl 2>&1 | tail -1
+PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/gdn_kernels.py --breakdown \
+  --shapes "${KSHAPES:-0,1,2}" --out "$OUT/gdn_bench.json" 2>&1 | grep -vi warn
 fi
