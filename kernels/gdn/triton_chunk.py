@@ -288,6 +288,13 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
 _SM_COUNT: dict[int, int] = {}
 
 
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
 def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int) -> int:
     """V slice of a state pass: ``bv`` if set, else 32 when that needs no more waves of programs
     than 64 does (``slots`` programs per wave, default the SM count: at 8 warps and ~160+
@@ -339,32 +346,15 @@ def _prep_and_states(
             num_stages=cfg.stages,
         )  # fmt: skip
     if N > 0:
-        _fwd_states(k, G, W, u, states, h0, ht, lay, cfg, LOWP)
+        bv = _state_bv(cfg.bv_fstate, V, N * H, dev, cfg.slots)
+        _K._fwd_state_kernel[(triton.cdiv(V, bv), N * H)](
+            k, G, W, u, h0 if h0 is not None else ht, states, ht,
+            lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_H0=h0 is not None,
+            PREFETCH=bool(cfg.pf_fstate), PIPE=cfg.pipe_fstate, LOWP=LOWP,
+            num_warps=cfg.w_fstate,
+        )  # fmt: skip
     return G, Tinv, W, u, states, ht, Q
-
-
-def _fwd_states(k, G, W, u, states, h0, ht, lay: _Layout, cfg: _Config, LOWP: int):
-    """The forward state pass: states, u = U - W S over U, the final state ht."""
-    T, H, K = k.shape
-    V = u.shape[-1]
-    bv = _state_bv(cfg.bv_fstate, V, lay.n_seqs * H, k.device, cfg.slots)
-    _K._fwd_state_kernel[(triton.cdiv(V, bv), lay.n_seqs * H)](
-        k, G, W, u, h0 if h0 is not None else ht, states, ht,
-        lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
-        H=H, K=K, V=V, C=CHUNK, KP=cfg.KP, BV=bv, HAS_H0=h0 is not None,
-        PREFETCH=bool(cfg.pf_fstate), PIPE=cfg.pipe_fstate, LOWP=LOWP, num_warps=cfg.w_fstate,
-    )  # fmt: skip
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _sm_count(device: torch.device) -> int:
-    idx = _device_index(device)
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
