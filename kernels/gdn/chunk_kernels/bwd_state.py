@@ -14,6 +14,7 @@ from .common import (
     _load_G,
     _load_tok,
     _load_tok_raw,
+    _state_pass_program,
     _state_ptrs,
 )
 
@@ -69,19 +70,10 @@ def _bwd_state_kernel(
 ):  # fmt: skip
     """Reverse inter-chunk pass for one V-slice of one sequence and head. Writes dS' (gradient of
     the state leaving each chunk), du, and the gradient of the initial state."""
-    v0 = tl.program_id(0) * BV
-    s = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    c0 = tl.load(seq_chunk0_ptr + s)
-    nc = tl.load(seq_nchunks_ptr + s)
-    bos = tl.load(seq_tok0_ptr + s)
-    L = tl.load(seq_len_ptr + s)
-
-    dS_ptrs0, S_mask = _state_ptrs(dht_ptr, s, h, 0, v0, H, K, V, KP, BV)
-    if HAS_DHT:
-        dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
-    else:
-        dS_KV = tl.full([KP, BV], 0.0, tl.float32)
+    v0, s, h, c0, nc, bos, L, dS_KV, S_mask = _state_pass_program(
+        seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, dht_ptr,
+        H, K, V, KP, BV, HAS_DHT,
+    )  # fmt: skip
     # (no prefetch here: the same one-chunk register prefetch as in the forward pass faults with
     # an illegal address on the H200 at some settings, see docs/kernels.md)
     i = nc - 1
@@ -182,19 +174,10 @@ def _bwd_chain_kernel(
     """Reverse pass for one V-slice of one sequence and head: dstates[c] holds B_c on entry and
     receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + kdec dS'_c. With
     PIPE > 0 (compiled only) a software-pipelined `for` loop replaces the register prefetch."""
-    v0 = tl.program_id(0) * BV
-    s = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    c0 = tl.load(seq_chunk0_ptr + s)
-    nc = tl.load(seq_nchunks_ptr + s)
-    bos = tl.load(seq_tok0_ptr + s)
-    L = tl.load(seq_len_ptr + s)
-
-    dS_ptrs0, S_mask = _state_ptrs(dht_ptr, s, h, 0, v0, H, K, V, KP, BV)
-    if HAS_DHT:
-        dS_KV = tl.load(dS_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
-    else:
-        dS_KV = tl.full([KP, BV], 0.0, tl.float32)
+    v0, s, h, c0, nc, bos, L, dS_KV, S_mask = _state_pass_program(
+        seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, dht_ptr,
+        H, K, V, KP, BV, HAS_DHT,
+    )  # fmt: skip
     if PIPE > 0 and _COMPILED:
         for j in tl.range(0, nc, num_stages=PIPE):
             i = nc - 1 - j

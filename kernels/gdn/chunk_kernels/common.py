@@ -173,3 +173,27 @@ def _load_G(G_ptr, c, h, ok, H: tl.constexpr, C: tl.constexpr):
     G_C = tl.load(base + t_C, mask=ok & (t_C < C), other=0.0)
     G_last = tl.load(base + C - 1, mask=ok, other=0.0)
     return G_C, G_last
+
+
+@triton.jit
+def _state_pass_program(
+    seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, init_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+):  # fmt: skip
+    """What a state-pass program [V/BV, N*H] works on: its V offset, sequence, head, first chunk,
+    chunk count, first token, length, and its [KP, BV] slice of the running state (from init_ptr
+    [N, H, K, V] if HAS_INIT, else zeros) with the slice's mask."""
+    v0 = tl.program_id(0) * BV
+    s = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    ptrs, mask = _state_ptrs(init_ptr, s, h, 0, v0, H, K, V, KP, BV)
+    if HAS_INIT:
+        S_KV = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        S_KV = tl.full([KP, BV], 0.0, tl.float32)
+    c0 = tl.load(seq_chunk0_ptr + s)
+    nc = tl.load(seq_nchunks_ptr + s)
+    bos = tl.load(seq_tok0_ptr + s)
+    L = tl.load(seq_len_ptr + s)
+    return v0, s, h, c0, nc, bos, L, S_KV, mask

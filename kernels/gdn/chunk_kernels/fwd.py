@@ -15,6 +15,7 @@ from .common import (
     _load_G,
     _load_tok,
     _load_tok_raw,
+    _state_pass_program,
     _state_ptrs,
     _store_tok,
     _sum,
@@ -133,19 +134,10 @@ def _fwd_state_kernel(
     Writes the state entering every chunk, u = U - W S in place of U, and the final state. With
     PIPE > 0 (compiled only) the chunk loop is a `for` loop that Triton software-pipelines over
     PIPE stages (the loads of later chunks in flight into shared memory) instead of PREFETCH."""
-    v0 = tl.program_id(0) * BV
-    s = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    c0 = tl.load(seq_chunk0_ptr + s)
-    nc = tl.load(seq_nchunks_ptr + s)
-    bos = tl.load(seq_tok0_ptr + s)
-    L = tl.load(seq_len_ptr + s)
-
-    S_ptrs0, S_mask = _state_ptrs(h0_ptr, s, h, 0, v0, H, K, V, KP, BV)
-    if HAS_H0:
-        S_KV = tl.load(S_ptrs0, mask=S_mask, other=0.0).to(tl.float32)
-    else:
-        S_KV = tl.full([KP, BV], 0.0, tl.float32)
+    v0, s, h, c0, nc, bos, L, S_KV, S_mask = _state_pass_program(
+        seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, h0_ptr,
+        H, K, V, KP, BV, HAS_H0,
+    )  # fmt: skip
     if PIPE > 0 and _COMPILED:
         for i in tl.range(0, nc, num_stages=PIPE):
             w_CK, U_CV, k_CK, G_C, G_last = _fwd_state_load(
