@@ -18,8 +18,8 @@ sequence (``--shapes`` picks by index). Then (unless ``--no-aux``) the layer's c
 SiLU and gated RMSNorm kernels vs their unfused torch versions at Olmo Hybrid 7B widths.
 
 Also reports the bf16 forward error of ours and fla against a float32 reference (our chunked
-PyTorch implementation) at one shape, and (``--breakdown``) per-kernel CUDA times of ours and
-of fla.
+PyTorch implementation) at four shapes (``ERROR_SHAPES``, incl. a packed batch), and
+(``--breakdown``) per-kernel CUDA times of ours and of fla.
 
     python benchmarks/gdn_kernels.py --out gdn_bench.json
 
@@ -146,23 +146,57 @@ def bench(fn, inputs, leaves, backward: bool) -> float:
     )
 
 
+ERROR_SHAPES = [  # (B, T, H, K, V, packed sequence lengths or None)
+    (1, 8192, 30, 96, 192, None),
+    (1, 32768, 30, 96, 192, None),
+    (1, 8192, 32, 128, 128, None),
+    (1, 8192, 30, 96, 192, [1, 100, 2000, 37, 4000, 63, 1991]),
+]
+
+
 def bf16_forward_errors(fla_gdn, shape) -> dict:
-    """Forward error of bf16 runs against the float32 chunked PyTorch reference."""
-    x32 = make_inputs(*shape, dtype=torch.float32, seed=1)
+    """Forward error of bf16 runs against two float32 references (chunked PyTorch): on the
+    float32 inputs (what a user loses by running in bf16, mostly the rounding of the inputs,
+    common to every kernel) and on the same bf16-rounded inputs (the kernel's own error)."""
+    B, T, H, K, V, lens = shape
+    x32 = make_inputs(B, T, H, K, V, dtype=torch.float32, seed=1)
     x16 = {n: (t if n == "g" else t.to(torch.bfloat16)) for n, t in x32.items()}
+    kw = dict(use_qk_l2norm_in_kernel=True)
+    if lens is not None:
+        kw["cu_seqlens"] = torch.tensor([0] + lens, device="cuda").cumsum(0)
     with torch.no_grad():
-        ref, _ = chunk_gated_delta_rule_torch(**x32, use_qk_l2norm_in_kernel=True)
-        out = {"ours": chunk_gated_delta_rule_triton(**x16, use_qk_l2norm_in_kernel=True)[0]}
+        refs = {
+            "fp32_inputs": chunk_gated_delta_rule_torch(**x32, **kw)[0],
+            "same_bf16_inputs": chunk_gated_delta_rule_torch(
+                **{n: t.float() for n, t in x16.items()}, **kw
+            )[0],
+        }
+        out = {"ours": chunk_gated_delta_rule_triton(**x16, **kw)[0]}
         if fla_gdn is not None:
-            out[FLA_LABEL] = fla_gdn(**x16, use_qk_l2norm_in_kernel=True)[0]
+            out[FLA_LABEL] = fla_gdn(**x16, **kw)[0]
     res = {}
     for name, o in out.items():
-        d = (o.float() - ref).abs()
-        res[name] = {
-            "max_abs_err_over_max_abs_ref": (d.max() / ref.abs().max()).item(),
-            "rel_l2_err": ((o.float() - ref).norm() / ref.norm()).item(),
-        }
+        for ref_name, ref in refs.items():
+            d = (o.float() - ref).abs()
+            res[f"{name} vs {ref_name}"] = {
+                "max_abs_err_over_max_abs_ref": (d.max() / ref.abs().max()).item(),
+                "rel_l2_err": (d.norm() / ref.norm()).item(),
+            }
     return {"shape": shape, "reference": "chunk_torch float32", "errors": res}
+
+
+def report_errors(fla_gdn, result: dict, flush) -> None:
+    result["bf16_forward_error"] = []
+    for shape in ERROR_SHAPES:
+        res = bf16_forward_errors(fla_gdn, shape)
+        result["bf16_forward_error"].append(res)
+        flush()
+        B, T, H, K, V, lens = shape
+        where = f"B={B} T={T} H={H} K={K} V={V}" + (f" packed {len(lens)} seqs" if lens else "")
+        print(f"\nbf16 forward error vs float32 chunk_torch at {where}:")
+        for name, e in res["errors"].items():
+            print(f"  {name:58s} max|err|/max|ref| = {e['max_abs_err_over_max_abs_ref']:.2e}  "
+                  f"rel L2 = {e['rel_l2_err']:.2e}")  # fmt: skip
 
 
 def kernel_breakdown(shape, impl=chunk_gated_delta_rule_triton) -> dict:
@@ -307,6 +341,7 @@ def main() -> None:
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours and fla")
     ap.add_argument("--no-aux", action="store_true", help="skip the conv1d / gated-norm rows")
+    ap.add_argument("--errors-only", action="store_true", help="only the bf16 error table")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
     ap.add_argument("--sweep", help="';'-separated GDN_TRITON_CFG settings to compare")
     ap.add_argument("--sweep-one", help=argparse.SUPPRESS)  # one setting (a --sweep child)
@@ -354,7 +389,7 @@ def main() -> None:
               f"{tf_f:8.1f} {tf_fb:8.1f} {peak:9.0f} {B * T / fwdbwd / 1e3:10.2f}",
               flush=True)  # fmt: skip
 
-    for B, T, H, K, V in shapes:
+    for B, T, H, K, V in [] if args.errors_only else shapes:
         flops = gdn_fwd_flops(B, T, H, K, V)
         for name, fn in impls.items():
             x = make_inputs(B, T, H, K, V)
@@ -381,19 +416,13 @@ def main() -> None:
                (flops, 3.5 * flops), peak)  # fmt: skip
         del qkv
         torch.cuda.empty_cache()
-    if not args.no_aux:
+    if not (args.no_aux or args.errors_only):
         result["conv_and_norm"] = conv_and_norm_rows()
         flush()
 
-    err_shape = (1, 8192, 30, 96, 192)
-    result["bf16_forward_error"] = bf16_forward_errors(fla_gdn, err_shape)
-    flush()
-    print(f"\nbf16 forward error vs float32 chunk_torch at {err_shape}:")
-    for name, e in result["bf16_forward_error"]["errors"].items():
-        print(f"  {name:38s} max|err|/max|ref| = {e['max_abs_err_over_max_abs_ref']:.2e}   "
-              f"rel L2 = {e['rel_l2_err']:.2e}")  # fmt: skip
+    report_errors(fla_gdn, result, flush)
 
-    if args.breakdown:
+    if args.breakdown and not args.errors_only:
         sources = {"ours": chunk_gated_delta_rule_triton}
         if fla_gdn is not None:  # where fla spends its time, to compare kernel by kernel
             sources[FLA_LABEL] = fla_gdn

@@ -8,14 +8,20 @@
 #   4. the GDN kernels (kernels/gdn): ktests = the GPU kernel tests (correctness, determinism,
 #      K > 128, non-default settings), ksweep = our kernels under several GDN_TRITON_CFG settings
 #      (SWEEP) at shapes KSWEEP, kbench = the table against fla (guard bypassed, timing only)
-#      and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows. fla is
-#      installed from FLA_WHEELS into its own folder for kbench only (the model never uses it).
+#      and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
+#      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
+#      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
 # STEPS selects (default "parity demo convert"; kernel steps only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests ~5 min).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache TORCHDYNAMO_DISABLE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .gpu/extra2/*.whl 2>&1 | tail -1
+# kernel-only sessions skip the TE bring-up: carry .gpu/wheels and .gpu/extra in the first call
+# and it installs pytest (into /tmp/site) and fla + einops (into /tmp/fla_site, for kbench)
+if [ -d .gpu/extra ] && [ ! -d /tmp/site/pytest ]; then
+  mkdir -p /tmp/gpu && cp -r .gpu/* /tmp/gpu/
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/gpu/extra/{pytest,iniconfig,pluggy,packaging,pygments}-*.whl 2>&1 | tail -1
+fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 STEPS=${STEPS:-parity demo convert}
@@ -81,11 +87,20 @@ for shape in ${KSWEEP:-0 2}; do
     2>&1 | grep "^\["
 done
 fi
+install_fla() {  # into its own folder: only the benchmark imports fla, never the model
+  local FLA=${FLA_WHEELS:-/tmp/gpu/wheels}
+  python3 -m pip install -q --no-index --no-deps --target /tmp/fla_site "$FLA"/fla_core-*.whl \
+    "$FLA"/flash_linear_attention-*.whl /tmp/gpu/extra/einops-*.whl 2>&1 | tail -1
+}
 if want kbench; then
 echo "== 4c. GDN kernels vs fla and SDPA"
-FLA=${FLA_WHEELS:-/tmp/gpu/wheels}
-python3 -m pip install -q --no-index --no-deps --target /tmp/fla_site "$FLA"/fla_core-*.whl \
-  "$FLA"/flash_linear_attention-*.whl /tmp/gpu/extra/einops-*.whl 2>&1 | tail -1
+install_fla
 PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/gdn_kernels.py --breakdown \
   --shapes "${KSHAPES:-0,1,2}" --out "$OUT/gdn_bench.json" 2>&1 | grep -vi warn
+fi
+if want kerrors; then
+echo "== 4d. GDN kernels: bf16 forward error of ours and fla"
+install_fla
+PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/gdn_kernels.py --errors-only \
+  --out "$OUT/gdn_errors.json" 2>&1 | grep -vi warn
 fi

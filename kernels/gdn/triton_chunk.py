@@ -245,9 +245,10 @@ class _Config:
     slots: int = 0  # programs per wave for the automatic state-pass V slices (0: SM count)
     pf_fstate: int = 1  # one-chunk register prefetch in the forward state pass
     pipe_fstate: int = 0  # > 0: software-pipelined chunk loop of that many stages instead
-    pipe_bstate: int = 0  # the same for the reverse chain (_bwd_chain_kernel)
+    pipe_bstate: int = 0  # the same for the reverse chain (_bwd_chain_kernel; compiled only)
     split_bwd: int = 1  # reverse pass = _bwd_rhs_kernel + _bwd_chain_kernel, else _bwd_state_kernel
-    split_bchunk: int = 0  # bwd chunk kernel as three kernels, the middle one per K block
+    dot16_bstate: int = 1  # _bwd_state_kernel's products in the 16-bit input dtype (else float32)
+    split_bchunk: int = 0  # bwd chunk work as three kernels, the middle one per K block
     w_bkb: int = 4  # _bwd_kblock_kernel (split_bchunk)
     bk_bkb: int = 32  # K block of _bwd_kblock_kernel (narrow: 154-174 registers at 4 warps, sm_90)
     w_rhs: int = 8  # _bwd_rhs_kernel
@@ -265,11 +266,21 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
         # the output kernel is cheaper on exact 32-wide K blocks than on 64-wide padded ones
         # (K = 96: 0.70 vs 1.07 ms at 4 x 8192 x 30 heads)
         cfg.bk_out = min(32, KP) if K % 64 else cfg.BK
+        # likewise the bwd chunk work: where K is not a multiple of BK, the split kernels (K
+        # blocks of bk_bkb = 32) beat the fused one (K padded to BK blocks): 9.42 vs 9.58 ms
+        # fwd+bwd at 4 x 8192 x 30 heads, K = 96; at K = 128 the fused one wins (9.46 vs 9.65)
+        cfg.split_bchunk = int(K % cfg.BK != 0)
+        # the reverse chain software-pipelined over 2 stages: 1.18 vs 1.35 ms at 4 x 8192 x 30
+        # heads, 96/192 (1.39 vs 1.35 at 32 heads 128/128: noise-level)
+        cfg.pipe_bstate = 2
     else:  # K > 128: [K, K] tiles of Q and [K, 64] state slices would not fit in registers
         cfg = _Config(
             KP=KP, BK=64, BV=min(VP, 64), bv_out=min(VP, 64), bv_fstate=16, bv_bstate=16,
-            w_out=8, pf_fstate=0, split_bwd=0,
+            w_out=8, pf_fstate=0, split_bwd=0, dot16_bstate=0,
         )  # fmt: skip
+        # dot16_bstate=0: with bf16 products the two-product reverse kernel at [256, 16] slices
+        # faults with an illegal address on the H200 (Triton 3.6; float32 products at the same
+        # tiles run clean and pass the reference checks, and the interpreter finds no bad index)
     if LOWP == _DOT_F32:
         # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch
         # (the float32 path is for checking, not speed)
@@ -412,8 +423,8 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
         _K._bwd_state_kernel[grid](
             q, k, G, W, do, dht_or_any, dstates, du, dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len, scale,
-            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None, LOWP=LOWP,
-            num_warps=cfg.w_bstate,
+            H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None,
+            LOWP=LOWP if cfg.dot16_bstate else _DOT_F32, num_warps=cfg.w_bstate,
         )  # fmt: skip
     if NC > 0 and cfg.split_bchunk:
         _bwd_chunk_split(q, k, v, beta, do, G, Tinv, u, states, dstates, du, dq, dk, dv, dbeta,

@@ -2,7 +2,7 @@
 
 Every run first poisons the CUDA caching allocator with NaNs (its freed blocks back the kernels'
 ``torch.empty`` outputs and buffers), so unwritten output elements show up as NaN. References:
-float64 token-by-token (forward, T <= 1000) and chunked PyTorch (gradients; forward at T = 8192,
+float64 token-by-token (forward, T <= 1000) and chunked PyTorch (gradients; forward at T >= 8192,
 where the float64 loop is too slow; it computes in float32 whatever its input dtype).
 Run: ``pytest -m gpu tests/kernels/test_gdn_triton_gpu.py -s`` (``-s`` prints the errors).
 """
@@ -88,6 +88,7 @@ CASES = {  # name: (B, T, cu_seqlens lengths or None)
     "T64": (2, 64, None),
     "T1000": (2, 1000, None),
     "T8192": (1, 8192, None),
+    "T32768": (1, 32768, None),
     "packed": (1, None, [1, 100, 0, 64, 2000, 37, 4000, 63, 0]),  # incl. empty sequences
 }
 
@@ -107,10 +108,10 @@ def test_gpu_head_dim_above_128(dtype):
 
 # non-default kernel settings (GDN_TRITON_CFG), bf16 at the Olmo head shape
 VARIANTS = [
-    "split_bchunk=1",
-    "split_bchunk=1,w_bkb=8",
+    "split_bchunk=0",  # the fused bwd chunk kernel (the default at K = 128)
+    "pipe_bstate=0",  # the chain's while loop with register prefetch (what the interpreter runs)
     "split_bwd=0",
-    "pipe_fstate=2,pipe_bstate=2",
+    "pipe_fstate=2",
 ]
 
 
