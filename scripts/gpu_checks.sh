@@ -12,7 +12,8 @@
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
 # STEPS selects (default "parity demo convert"; kernel steps only when named); ITERS the demo's
-# iterations. Each kernel step fits one 10-minute device call (ktests ~5 min).
+# iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
+# run it alone; kerrors ~3 min, most of it fla's first compile).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache TORCHDYNAMO_DISABLE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -76,8 +77,10 @@ python3 tools/generate.py --load $CK --eval-file /tmp/heldout.jsonl --no-progres
 fi
 if want ktests; then
 echo "== 4a. GDN kernels: GPU tests"
+# the whole log goes to $OUT first: a call that runs out of time still brings back what ran
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_gdn_triton_gpu.py \
-  tests/kernels/test_conv_norm_gpu.py 2>&1 | grep -E "rel errors|^  o=|passed|failed|Error" | tail -80
+  tests/kernels/test_conv_norm_gpu.py > "$OUT/ktests.log" 2>&1
+grep -E "rel errors|^  o=|passed|failed|Error" "$OUT/ktests.log" | tail -80
 fi
 if want ksweep; then
 echo "== 4b. GDN kernels: settings sweep"
@@ -102,5 +105,6 @@ if want kerrors; then
 echo "== 4d. GDN kernels: bf16 forward error of ours and fla"
 install_fla
 PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/gdn_kernels.py --errors-only \
-  --out "$OUT/gdn_errors.json" 2>&1 | grep -vi warn
+  --out "$OUT/gdn_errors.json" > "$OUT/kerrors.log" 2>&1
+grep -vi warn "$OUT/kerrors.log"
 fi

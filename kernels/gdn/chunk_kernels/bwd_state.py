@@ -47,8 +47,9 @@ def _bwd_state_step(
     q_CK = q_CK.to(tl.float32) * scale
     k_CK = k_CK.to(tl.float32)
     M_CC = _dot(q_CK, tl.trans(k_CK), LOWP) * _decay_CC(G_C, C, False)
-    kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
-    du_CV = _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(kdec_CK, dS_KV, LOWP)
+    du_CV = (
+        _dot(tl.trans(M_CC), do_CV, LOWP) + _dot(k_CK, dS_KV, LOWP) * tl.exp(G_last - G_C)[:, None]
+    )
     du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
     tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
 
@@ -157,8 +158,8 @@ def _bwd_chain_step(
     dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
     tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
     dS_in = dS_KV * tl.exp(G_last) - _dot(Q_KK, dS_KV, LOWP) + B_KV.to(tl.float32)
-    kdec_CK = k_CK * tl.exp(G_last - G_C)[:, None]
-    du_CV = Mdo_CV + _dot(kdec_CK, dS_KV, LOWP)
+    # decay on the float32 product, not on k (one 16-bit rounding of the operands less)
+    du_CV = Mdo_CV + _dot(k_CK, dS_KV, LOWP) * tl.exp(G_last - G_C)[:, None]
     tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
     return dS_in
 
@@ -172,7 +173,7 @@ def _bwd_chain_kernel(
     LOWP: tl.constexpr,
 ):  # fmt: skip
     """Reverse pass for one V-slice of one sequence and head: dstates[c] holds B_c on entry and
-    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + kdec dS'_c. With
+    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + diag(gam / Gam) k dS'_c. With
     PIPE > 0 (compiled only) a software-pipelined `for` loop replaces the register prefetch."""
     v0, s, h, c0, nc, bos, L, dS_KV, S_mask = _state_pass_program(
         seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, dht_ptr,

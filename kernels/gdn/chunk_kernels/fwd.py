@@ -117,8 +117,10 @@ def _fwd_state_step(
     u_CV = U_CV.to(tl.float32) - _dot(w_CK, S_KV, LOWP)
     u_ptrs, u_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
     tl.store(u_ptrs, u_CV.to(u_ptrs.dtype.element_ty), mask=u_mask)
-    kdec_CK = k_CK.to(tl.float32) * tl.exp(G_last - G_C)[:, None]
-    return S_KV * tl.exp(G_last) + _dot(tl.trans(kdec_CK), u_CV, LOWP)
+    # the decay to the chunk end goes on u (float32 here), not on k: k enters the product exactly
+    # as stored, so the 16-bit operands are rounded once (u * decay) instead of twice
+    udec_CV = u_CV * tl.exp(G_last - G_C)[:, None]
+    return S_KV * tl.exp(G_last) + _dot(tl.trans(k_CK), udec_CV, LOWP)
 
 
 @triton.jit
