@@ -84,9 +84,9 @@ grep -E "rel errors|^  o=|passed|failed|Error" "$OUT/ktests.log" | tail -80
 fi
 if want ksweep; then
 echo "== 4b. GDN kernels: settings sweep"
-for shape in ${KSWEEP:-0 2}; do
+for shape in ${KSWEEP:-1 2}; do
   python3 benchmarks/gdn_kernels.py --no-fla --shapes "$shape" --out "$OUT/sweep$shape.json" \
-    --sweep "${SWEEP:-;split_bchunk=1;split_bchunk=1,w_bkb=8;pipe_fstate=2;pipe_bstate=2}" \
+    --sweep "${SWEEP:-;w_fstate=4;w_fstate=4,pipe_fstate=2;chain_q=0;chain_q=0,w_bstate=4;w_fstate=4,chain_q=0,w_bstate=4}" \
     2>&1 | grep "^\["
 done
 fi

@@ -242,11 +242,13 @@ class _Config:
     w_out: int = 4
     w_bstate: int = 8
     w_bchunk: int = 8
-    slots: int = 0  # programs per wave for the automatic state-pass V slices (0: SM count)
+    slots: int = 0  # programs per wave for the automatic state-pass V slices (0: see _state_bv)
     pf_fstate: int = 1  # one-chunk register prefetch in the forward state pass
     pipe_fstate: int = 0  # > 0: software-pipelined chunk loop of that many stages instead
     pipe_bstate: int = 0  # the same for the reverse chain (_bwd_chain_kernel; compiled only)
     split_bwd: int = 1  # reverse pass = _bwd_rhs_kernel + _bwd_chain_kernel, else _bwd_state_kernel
+    chain_q: int = 1  # the chain multiplies by Q = W^T kdec (built by the backward's prep), else
+    # by W^T after kdec (two dependent products per step, no Q)
     dot16_bstate: int = 1  # _bwd_state_kernel's products in the 16-bit input dtype (else float32)
     split_bchunk: int = 0  # bwd chunk work as three kernels, the middle one per K block
     w_bkb: int = 4  # _bwd_kblock_kernel (split_bchunk)
@@ -306,18 +308,19 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int) -> int:
+def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int, warps: int) -> int:
     """V slice of a state pass: ``bv`` if set, else 32 when that needs no more waves of programs
-    than 64 does (``slots`` programs per wave, default the SM count: at 8 warps and ~160+
-    registers one program fills an SM), else 64. The passes are serial over chunks, so a
-    narrower slice is faster per program (H200, 1 x 32768 x 32 heads x 128/128: 64 programs of
-    64 -> 128 of 32 took the two passes from 6.1 to 4.7 ms) but not once it adds a wave (30
-    heads x 192: 90 -> 180 programs, 4.5 -> 9.0 ms)."""
+    than 64 does, else 64. ``slots`` is the number of programs per wave; by default the SM count
+    times the programs an SM holds at once, which the registers decide: ~160-230 per thread at
+    these tiles (offline sm_90 compiles), so one program of 8 warps or two of 4 per SM. The
+    passes are serial over chunks, so a narrower slice is faster per program (H200, 1 x 32768 x
+    32 heads x 128/128: 64 programs of 64 -> 128 of 32 took the two passes from 6.1 to 4.7 ms)
+    but not once it adds a wave (30 heads x 192 at 8 warps: 90 -> 180 programs, 4.5 -> 9.0 ms)."""
     if bv:
         return bv
     if device.type != "cuda":
         return min(64, _pow2(V))
-    slots = slots or _sm_count(device)
+    slots = slots or _sm_count(device) * max(1, 8 // warps)
     waves = {cand: triton.cdiv(triton.cdiv(V, cand) * n_rows, slots) for cand in (32, 64)}
     return min(32 if waves[32] <= waves[64] else 64, _pow2(V))
 
@@ -357,7 +360,7 @@ def _prep_and_states(
             num_stages=cfg.stages,
         )  # fmt: skip
     if N > 0:
-        bv = _state_bv(cfg.bv_fstate, V, N * H, dev, cfg.slots)
+        bv = _state_bv(cfg.bv_fstate, V, N * H, dev, cfg.slots, cfg.w_fstate)
         _K._fwd_state_kernel[(triton.cdiv(V, bv), N * H)](
             k, G, W, u, h0 if h0 is not None else ht, states, ht,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
@@ -392,7 +395,7 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
     cfg = _config(K, V, LOWP)
     split = bool(cfg.split_bwd)
     G, Tinv, W, u, states, _, Q = _prep_and_states(
-        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=split
+        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=split and bool(cfg.chain_q)
     )
     dev = q.device
     idt = _buffer_dtype(q, LOWP)
@@ -404,7 +407,7 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
     dv = torch.empty_like(v)
     dg, dbeta = torch.empty_like(g), torch.empty_like(beta)
     if N > 0:
-        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots)
+        bv = _state_bv(cfg.bv_bstate, V, N * H, dev, cfg.slots, cfg.w_bstate)
         grid = (triton.cdiv(V, bv), N * H)
         dht_or_any = dht if dht is not None else dh0
     if split and N > 0:
@@ -414,10 +417,10 @@ def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP:
                 H=H, K=K, V=V, C=C, KP=cfg.KP, BV=cfg.bv_rhs, LOWP=LOWP, num_warps=cfg.w_rhs,
             )  # fmt: skip
         _K._bwd_chain_kernel[grid](
-            k, G, Q, dht_or_any, dstates, du, dh0,
+            k, G, Q if cfg.chain_q else W, dht_or_any, dstates, du, dh0,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
             H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_DHT=dht is not None,
-            PIPE=cfg.pipe_bstate, LOWP=LOWP, num_warps=cfg.w_bstate,
+            PIPE=cfg.pipe_bstate, CHAIN_Q=bool(cfg.chain_q), LOWP=LOWP, num_warps=cfg.w_bstate,
         )  # fmt: skip
     elif N > 0:
         _K._bwd_state_kernel[grid](

@@ -144,6 +144,7 @@ def test_packed_matches_reference(lens):
 VARIANTS = [
     "split_bwd=1,pf_fstate=0,bv_fstate=32",
     "split_bwd=1,bv_bstate=16,bv_rhs=16",
+    "split_bwd=1,chain_q=0",
     "split_bwd=0,pf_fstate=0,bv_fstate=16,bv_bstate=32",
     "split_bwd=0,pf_fstate=1",
     "split_bchunk=1",

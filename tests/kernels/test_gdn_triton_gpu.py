@@ -111,6 +111,8 @@ VARIANTS = [
     "split_bchunk=0",  # the fused bwd chunk kernel (the default at K = 128)
     "pipe_bstate=0",  # the chain's while loop with register prefetch (what the interpreter runs)
     "split_bwd=0",
+    "chain_q=0",
+    "chain_q=0,pipe_bstate=0",
     "pipe_fstate=2",
 ]
 

@@ -132,11 +132,17 @@ def _bwd_rhs_kernel(
 
 @triton.jit
 def _bwd_chain_load(c, h, v0, Q_ptr, B_ptr, G_ptr, H: tl.constexpr, K: tl.constexpr,
-                    V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):  # fmt: skip
-    """The chain operands of chunk c: Q [KP, KP], the [KP, BV] slice of B, G_last."""
+                    V: tl.constexpr, C: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+                    CHAIN_Q: tl.constexpr):  # fmt: skip
+    """The chain operands of chunk c: Q [KP, KP] (CHAIN_Q) or W [C, KP], the [KP, BV] slice of
+    B, G_last."""
     r_K = tl.arange(0, KP)
-    Q_ptrs = Q_ptr + (c.to(tl.int64) * H + h) * (K * K) + (r_K[:, None] * K + r_K[None, :])
-    Q_KK = tl.load(Q_ptrs, mask=(r_K[:, None] < K) & (r_K[None, :] < K), other=0.0)
+    if CHAIN_Q:
+        Q_ptrs = Q_ptr + (c.to(tl.int64) * H + h) * (K * K) + (r_K[:, None] * K + r_K[None, :])
+        Q_KK = tl.load(Q_ptrs, mask=(r_K[:, None] < K) & (r_K[None, :] < K), other=0.0)
+    else:
+        w_ptrs, w_mask = _chunk_ptrs(Q_ptr, c, h, 0, H, K, C, KP)
+        Q_KK = tl.load(w_ptrs, mask=w_mask, other=0.0)
     B_ptrs, B_mask = _state_ptrs(B_ptr, c, h, 0, v0, H, K, V, KP, BV)
     B_KV = tl.load(B_ptrs, mask=B_mask, other=0.0)
     return Q_KK, B_KV, tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + C - 1)
@@ -146,10 +152,12 @@ def _bwd_chain_load(c, h, v0, Q_ptr, B_ptr, G_ptr, H: tl.constexpr, K: tl.conste
 def _bwd_chain_step(
     dS_KV, Q_KK, B_KV, G_last, c, i, h, v0, bos, L, S_mask, k_ptr, G_ptr, dstates_ptr, du_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    KP: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr,
+    KP: tl.constexpr, BV: tl.constexpr, CHAIN_Q: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
-    """Chunk c (the sequence's i-th) of the reverse chain: store dS' and du, return dS."""
-    # off the chain, for du: issued first, used after the chain product
+    """Chunk c (the sequence's i-th) of the reverse chain: store dS' and du, return dS. Q_KK is
+    Q (CHAIN_Q: one product on the chain, k dS' for du beside it) or W (two dependent products,
+    dS = gam dS' + B - W^T (kdec dS'), no Q to build and read)."""
+    # for du: issued first (off the chain with CHAIN_Q, used after the chain product)
     k_CK = _load_tok(k_ptr, bos + i * C, tl.minimum(L - i * C, C), h, 0, H, K, C, KP)
     du_ptrs, du_mask = _chunk_ptrs(du_ptr, c, h, v0, H, V, C, BV)
     Mdo_CV = tl.load(du_ptrs, mask=du_mask, other=0.0).to(tl.float32)
@@ -157,9 +165,13 @@ def _bwd_chain_step(
 
     dst_ptrs, _ = _state_ptrs(dstates_ptr, c, h, 0, v0, H, K, V, KP, BV)
     tl.store(dst_ptrs, dS_KV.to(dst_ptrs.dtype.element_ty), mask=S_mask)
-    dS_in = dS_KV * tl.exp(G_last) - _dot(Q_KK, dS_KV, LOWP) + B_KV.to(tl.float32)
     # decay on the float32 product, not on k (one 16-bit rounding of the operands less)
-    du_CV = Mdo_CV + _dot(k_CK, dS_KV, LOWP) * tl.exp(G_last - G_C)[:, None]
+    kdS_CV = _dot(k_CK, dS_KV, LOWP) * tl.exp(G_last - G_C)[:, None]
+    if CHAIN_Q:
+        dS_in = dS_KV * tl.exp(G_last) - _dot(Q_KK, dS_KV, LOWP) + B_KV.to(tl.float32)
+    else:
+        dS_in = dS_KV * tl.exp(G_last) - _dot(tl.trans(Q_KK), kdS_CV, LOWP) + B_KV.to(tl.float32)
+    du_CV = Mdo_CV + kdS_CV
     tl.store(du_ptrs, du_CV.to(du_ptrs.dtype.element_ty), mask=du_mask)
     return dS_in
 
@@ -170,10 +182,11 @@ def _bwd_chain_kernel(
     seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     KP: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, PIPE: tl.constexpr,
-    LOWP: tl.constexpr,
+    CHAIN_Q: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
     """Reverse pass for one V-slice of one sequence and head: dstates[c] holds B_c on entry and
-    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + diag(gam / Gam) k dS'_c. With
+    receives dS'_c; du[c] holds M^T do on entry and receives du = M^T do + diag(gam / Gam) k dS'_c.
+    Q_ptr is Q [NC, H, K, K] with CHAIN_Q, else W [NC, H, C, K] (see _bwd_chain_step). With
     PIPE > 0 (compiled only) a software-pipelined `for` loop replaces the register prefetch."""
     v0, s, h, c0, nc, bos, L, dS_KV, S_mask = _state_pass_program(
         seq_chunk0_ptr, seq_nchunks_ptr, seq_tok0_ptr, seq_len_ptr, dht_ptr,
@@ -183,26 +196,26 @@ def _bwd_chain_kernel(
         for j in tl.range(0, nc, num_stages=PIPE):
             i = nc - 1 - j
             Q_KK, B_KV, G_last = _bwd_chain_load(
-                c0 + i, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
+                c0 + i, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV, CHAIN_Q
             )
             dS_KV = _bwd_chain_step(
                 dS_KV, Q_KK, B_KV, G_last, c0 + i, i, h, v0, bos, L, S_mask,
-                k_ptr, G_ptr, dstates_ptr, du_ptr, H, K, V, C, KP, BV, LOWP,
+                k_ptr, G_ptr, dstates_ptr, du_ptr, H, K, V, C, KP, BV, CHAIN_Q, LOWP,
             )  # fmt: skip
     else:
         if nc > 0:
             Q_KK, B_KV, G_last = _bwd_chain_load(
-                c0 + nc - 1, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV
+                c0 + nc - 1, h, v0, Q_ptr, dstates_ptr, G_ptr, H, K, V, C, KP, BV, CHAIN_Q
             )
             i = nc - 1
             while i >= 0:
                 Q_nx, B_nx, Gl_nx = _bwd_chain_load(
                     c0 + tl.maximum(i - 1, 0), h, v0, Q_ptr, dstates_ptr, G_ptr,
-                    H, K, V, C, KP, BV,
+                    H, K, V, C, KP, BV, CHAIN_Q,
                 )  # fmt: skip
                 dS_KV = _bwd_chain_step(
                     dS_KV, Q_KK, B_KV, G_last, c0 + i, i, h, v0, bos, L, S_mask,
-                    k_ptr, G_ptr, dstates_ptr, du_ptr, H, K, V, C, KP, BV, LOWP,
+                    k_ptr, G_ptr, dstates_ptr, du_ptr, H, K, V, C, KP, BV, CHAIN_Q, LOWP,
                 )  # fmt: skip
                 Q_KK, B_KV, G_last = Q_nx, B_nx, Gl_nx
                 i -= 1
