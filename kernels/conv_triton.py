@@ -13,12 +13,16 @@ reference, ``cu_seqlens`` masks *every* tap that reaches before a document start
 first document's taps into ``initial_state``: with packed documents the initial state is unused.
 
 Design:
-- One program per (time block, channel block, batch row); the W shifted input tiles are loaded
-  from global memory (they overlap, so they are served from L1/L2) and accumulated in fp32.
-- Backward recomputes the pre-activation instead of saving it (memory-bound op; W*(W+1) tile
-  loads beat a [B, T, C] fp32 round trip). The same kernel writes dx, d(initial_state) (rows
-  -(W-1)..-1, covered by starting the row blocks at -(W-1)) and per-block partial sums of dweight
-  into a [P, W, C] buffer that is then summed in a fixed order: deterministic, no atomics.
+- Widths <= 4 (Olmo Hybrid's 4): "rolling" kernels. One program per (time block, channel
+  block, batch row) walks its time block row by row, keeping the last three input rows (and in
+  the backward the last three dpre rows) in registers, so each element is loaded once per pass
+  and the backward evaluates the activation once per element. Widths 5..8: tile kernels that load
+  the W shifted [time, channel] tiles (served from L1/L2) and, in the backward, recompute the
+  pre-activation once per tap (W * (W + 2) tile loads per block).
+- Backward recomputes the pre-activation instead of saving it (memory-bound op: a [B, T, C] fp32
+  round trip costs more). The same kernel writes dx, d(initial_state) (rows -(W-1)..-1, covered
+  by starting the row blocks at -(W-1)) and per-block partial sums of dweight into a [P, W, C]
+  buffer that is then summed in a fixed order: deterministic, no atomics.
 - The final conv state (last W-1 rows of [initial_state; x]) is a slice, done in torch so
   autograd routes its gradient without a kernel.
 - CPU tests run the same kernels in Triton's interpreter (TRITON_INTERPRET=1, which must be set
@@ -41,11 +45,15 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _blocks(x: torch.Tensor, C: int, backward: bool) -> tuple[int, int, int]:
-    """(BT, BC, num_warps): ~16-32 fp32 values per thread per tile on the GPU (the backward keeps
-    more tiles live); small tiles in the interpreter so that tests with small odd sizes still
-    cross time and channel block boundaries."""
-    if x.is_cuda and not interpreting():
+def _blocks(x: torch.Tensor, C: int, backward: bool, rolling: bool) -> tuple[int, int, int]:
+    """(BT, BC, num_warps). Tile kernels (widths > 4): ~16-32 fp32 values per thread per tile
+    (the backward keeps more tiles live). Rolling kernels: BT rows walked per program, [BC] rows
+    of 4 values per thread. Small blocks in the interpreter, so that tests with small odd sizes
+    still cross time and channel block boundaries."""
+    gpu = x.is_cuda and not interpreting()
+    if rolling:
+        return (64, min(512, triton.next_power_of_2(C)), 4) if gpu else (8, 16, 4)
+    if gpu:
         return (32 if backward else 64), min(128, triton.next_power_of_2(C)), 8
     return 16, min(32, triton.next_power_of_2(C)), 4
 
@@ -211,6 +219,166 @@ def _conv_bwd_kernel(
         )
 
 
+# ---- rolling-window kernels for widths <= 4 (Olmo Hybrid: 4) -------------------------------
+# One program walks BT rows of a BC-wide channel block in time order, one [BC] row per step,
+# keeping the last three input rows (and in the backward the last three dpre rows) in registers:
+# every element is loaded once per pass instead of W (forward) or W * (W + 2) (backward) times,
+# and the backward evaluates the activation once per element instead of W times. Widths below 4
+# run as 4 taps with zero weights in front (exactly the same sums). Tap j' (0..3) of output row
+# t reads input row t - 3 + j'.
+
+
+@triton.jit
+def _tap_weight(w_ptr, c, c_ok, jp: tl.constexpr, W: tl.constexpr):
+    """Weight of padded tap jp (0..3) for channels c: w[c, jp - (4 - W)], zero in the padding."""
+    if jp >= 4 - W:
+        return tl.load(w_ptr + c * W + (jp - (4 - W)), mask=c_ok, other=0.0).to(tl.float32)
+    else:
+        return tl.full(c.shape, 0.0, tl.float32)
+
+
+@triton.jit
+def _input_row(x_base, h_base, r, T, C, c, c_ok, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Input row r as float32 [BC]: x[r] for 0 <= r < T, initial-state row W - 1 + r for
+    -(W - 1) <= r < 0 (HAS_INIT), else zeros."""
+    xv = tl.load(x_base + r.to(tl.int64) * C + c, mask=c_ok & (r >= 0) & (r < T), other=0.0)
+    xv = xv.to(tl.float32)
+    if HAS_INIT:
+        hv = tl.load(h_base + (r + (W - 1)) * C + c, mask=c_ok & (r < 0) & (r >= 1 - W), other=0.0)
+        xv += hv.to(tl.float32)
+    return xv
+
+
+@triton.jit
+def _doc_start(start_ptr, t, T, HAS_DOCS: tl.constexpr):
+    """Document start of row t (HAS_DOCS), else a start no tap reaches before."""
+    if HAS_DOCS:
+        return tl.load(start_ptr + t, mask=(t >= 0) & (t < T), other=0)
+    else:
+        return t * 0 - 8
+
+
+@triton.jit
+def _pre_activation(x3, x2, x1, x0, w0, w1, w2, w3, t, st):
+    """Output row t's conv sum from input rows t-3 .. t, taps before the document start st
+    dropped."""
+    acc = tl.where(t - 3 >= st, x3 * w0, 0.0)
+    acc += tl.where(t - 2 >= st, x2 * w1, 0.0)
+    acc += tl.where(t - 1 >= st, x1 * w2, 0.0)
+    return acc + x0 * w3
+
+
+@triton.jit
+def _conv4_fwd_kernel(
+    x_ptr, w_ptr, h_ptr, start_ptr, y_ptr, T, C,
+    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DOCS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    t0 = tl.program_id(0) * BT
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    b = tl.program_id(2).to(tl.int64)
+    c_ok = c < C
+    x_base = x_ptr + b * T * C
+    h_base = h_ptr + b * (W - 1) * C
+    y_base = y_ptr + b * T * C
+    w0 = _tap_weight(w_ptr, c, c_ok, 0, W)
+    w1 = _tap_weight(w_ptr, c, c_ok, 1, W)
+    w2 = _tap_weight(w_ptr, c, c_ok, 2, W)
+    w3 = _tap_weight(w_ptr, c, c_ok, 3, W)
+    x3 = _input_row(x_base, h_base, t0 - 3, T, C, c, c_ok, W, HAS_INIT)
+    x2 = _input_row(x_base, h_base, t0 - 2, T, C, c, c_ok, W, HAS_INIT)
+    x1 = _input_row(x_base, h_base, t0 - 1, T, C, c, c_ok, W, HAS_INIT)
+    for i0 in range(0, BT, 4):  # unrolled by 4: four rows' loads in flight at once
+        for u in tl.static_range(4):
+            t = t0 + i0 + u
+            x0 = _input_row(x_base, h_base, t, T, C, c, c_ok, W, HAS_INIT)
+            acc = _pre_activation(
+                x3, x2, x1, x0, w0, w1, w2, w3, t, _doc_start(start_ptr, t, T, HAS_DOCS)
+            )
+            if SILU:
+                acc = acc * tl.sigmoid(acc)
+            tl.store(
+                y_base + t.to(tl.int64) * C + c, acc.to(y_ptr.dtype.element_ty), mask=c_ok & (t < T)
+            )
+            x3, x2, x1 = x2, x1, x0
+
+
+@triton.jit
+def _conv4_bwd_kernel(
+    x_ptr, w_ptr, h_ptr, start_ptr, dy_ptr, dx_ptr, dh_ptr, dwp_ptr, T, C, ROW0, NBT,
+    W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_DOCS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
+    """Owns input rows s in [s0, s0 + BT) (their dx, or d(initial_state) for s < 0) and output
+    rows t in the same range (their share of dweight, stored as one partial row of dwp). Walks
+    t = s0 .. s0 + BT + 2: dpre[t] from the recomputed pre-activation, then
+    dx[t - 3] = sum_d dpre[t - 3 + d] w[3 - d] over the taps inside row t - 3 + d's document."""
+    pid_t = tl.program_id(0)
+    s0 = ROW0 + pid_t * BT
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    b = tl.program_id(2).to(tl.int64)
+    c_ok = c < C
+    x_base = x_ptr + b * T * C
+    h_base = h_ptr + b * (W - 1) * C
+    dy_base = dy_ptr + b * T * C
+    w0 = _tap_weight(w_ptr, c, c_ok, 0, W)
+    w1 = _tap_weight(w_ptr, c, c_ok, 1, W)
+    w2 = _tap_weight(w_ptr, c, c_ok, 2, W)
+    w3 = _tap_weight(w_ptr, c, c_ok, 3, W)
+    x3 = _input_row(x_base, h_base, s0 - 3, T, C, c, c_ok, W, HAS_INIT)
+    x2 = _input_row(x_base, h_base, s0 - 2, T, C, c, c_ok, W, HAS_INIT)
+    x1 = _input_row(x_base, h_base, s0 - 1, T, C, c, c_ok, W, HAS_INIT)
+    zero = tl.full([BC], 0.0, tl.float32)
+    d3, d2, d1 = zero, zero, zero  # dpre of rows t-3, t-2, t-1
+    st2 = s0 * 0  # document starts of rows t-3, t-2, t-1 (only read when HAS_DOCS)
+    st1 = s0 * 0
+    st3 = s0 * 0
+    dw0, dw1, dw2, dw3 = zero, zero, zero, zero
+    for i0 in range(0, BT + 4, 4):  # unrolled by 4 (one step past BT + 3: masked off)
+        for u in tl.static_range(4):
+            i = i0 + u
+            t = s0 + i
+            x0 = _input_row(x_base, h_base, t, T, C, c, c_ok, W, HAS_INIT)
+            st0 = _doc_start(start_ptr, t, T, HAS_DOCS)
+            pre = _pre_activation(x3, x2, x1, x0, w0, w1, w2, w3, t, st0)
+            dy = tl.load(
+                dy_base + t.to(tl.int64) * C + c, mask=c_ok & (t >= 0) & (t < T), other=0.0
+            )
+            d0 = dy.to(tl.float32)
+            if SILU:
+                sig = tl.sigmoid(pre)
+                d0 = d0 * sig * (1.0 + pre * (1.0 - sig))
+            if i < BT:  # output row t is this program's: its dweight terms
+                dw0 += tl.where(t - 3 >= st0, d0 * x3, 0.0)
+                dw1 += tl.where(t - 2 >= st0, d0 * x2, 0.0)
+                dw2 += tl.where(t - 1 >= st0, d0 * x1, 0.0)
+                dw3 += d0 * x0
+            # input row s = t - 3 is read by output rows s + d through tap 3 - d
+            s = t - 3
+            dx = tl.where(s >= st3, d3 * w3, 0.0)
+            dx += tl.where(s >= st2, d2 * w2, 0.0)
+            dx += tl.where(s >= st1, d1 * w1, 0.0)
+            dx += tl.where(s >= st0, d0 * w0, 0.0)
+            own = (i >= 3) & (i < BT + 3) & (s < T)
+            tl.store(dx_ptr + b * T * C + s.to(tl.int64) * C + c, dx.to(dx_ptr.dtype.element_ty),
+                     mask=c_ok & own & (s >= 0))  # fmt: skip
+            if HAS_INIT:
+                tl.store(dh_ptr + b * (W - 1) * C + (s + (W - 1)) * C + c, dx,
+                         mask=c_ok & own & (s < 0))  # fmt: skip
+            x3, x2, x1 = x2, x1, x0
+            d3, d2, d1 = d2, d1, d0
+            st3, st2, st1 = st2, st1, st0
+    # padded tap jp is the weight's tap jp - (4 - W); the padding taps have no gradient
+    part = dwp_ptr + (b * NBT + pid_t) * W * C
+    if W >= 4:
+        tl.store(part + (W - 4) * C + c, dw0, mask=c_ok)
+    if W >= 3:
+        tl.store(part + (W - 3) * C + c, dw1, mask=c_ok)
+    if W >= 2:
+        tl.store(part + (W - 2) * C + c, dw2, mask=c_ok)
+    tl.store(part + (W - 1) * C + c, dw3, mask=c_ok)
+
+
 class _CausalConv1dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BTC, weight_CW, h_BWC, start_T, silu: bool):
@@ -219,9 +387,10 @@ class _CausalConv1dFn(torch.autograd.Function):
         y_BTC = torch.empty(
             (B, T, C), dtype=torch.promote_types(x_BTC.dtype, weight_CW.dtype), device=x_BTC.device
         )
-        BT, BC, warps = _blocks(x_BTC, C, backward=False)
+        rolling = W <= 4
+        BT, BC, warps = _blocks(x_BTC, C, backward=False, rolling=rolling)
         grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
-        _conv_fwd_kernel[grid](
+        (_conv4_fwd_kernel if rolling else _conv_fwd_kernel)[grid](
             x_BTC,
             weight_CW,
             h_BWC if h_BWC is not None else x_BTC,
@@ -248,14 +417,15 @@ class _CausalConv1dFn(torch.autograd.Function):
         W = weight_CW.shape[1]
         dy_BTC = dy_BTC.contiguous()
         has_init = h_BWC is not None
-        BT, BC, warps = _blocks(x_BTC, C, backward=True)
+        rolling = W <= 4
+        BT, BC, warps = _blocks(x_BTC, C, backward=True, rolling=rolling)
         row0 = -(W - 1) if has_init else 0
         NBT = triton.cdiv(T - row0, BT)
         dx_BTC = torch.empty_like(x_BTC)
         dh_BWC = torch.empty((B, W - 1, C), dtype=torch.float32, device=x_BTC.device)
         dw_PWC = torch.empty((B * NBT, W, C), dtype=torch.float32, device=x_BTC.device)
         grid = (NBT, triton.cdiv(C, BC), B)
-        _conv_bwd_kernel[grid](
+        (_conv4_bwd_kernel if rolling else _conv_bwd_kernel)[grid](
             x_BTC,
             weight_CW,
             h_BWC if has_init else x_BTC,
