@@ -284,10 +284,10 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
         # faults with an illegal address on the H200 (Triton 3.6; float32 products at the same
         # tiles run clean and pass the reference checks, and the interpreter finds no bad index)
     if LOWP == _DOT_F32:
-        # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch
-        # (the float32 path is for checking, not speed)
+        # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch or
+        # pipelining (the float32 path is for checking, not speed; it spills at any setting)
         cfg.w_prep = cfg.w_fstate = cfg.w_out = cfg.w_bstate = cfg.w_bchunk = 8
-        cfg.pf_fstate = cfg.bk_out = 0
+        cfg.pf_fstate = cfg.bk_out = cfg.pipe_bstate = 0
     for item in filter(None, os.environ.get("GDN_TRITON_CFG", "").split(",")):
         name, value = (x.strip() for x in item.split("="))
         if not hasattr(cfg, name):
