@@ -342,6 +342,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times of ours and fla")
     ap.add_argument("--no-aux", action="store_true", help="skip the conv1d / gated-norm rows")
     ap.add_argument("--errors-only", action="store_true", help="only the bf16 error table")
+    ap.add_argument("--no-errors", action="store_true", help="skip the bf16 error table")
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES")
     ap.add_argument("--sweep", help="';'-separated GDN_TRITON_CFG settings to compare")
     ap.add_argument("--sweep-one", help=argparse.SUPPRESS)  # one setting (a --sweep child)
@@ -420,7 +421,8 @@ def main() -> None:
         result["conv_and_norm"] = conv_and_norm_rows()
         flush()
 
-    report_errors(fla_gdn, result, flush)
+    if not args.no_errors:
+        report_errors(fla_gdn, result, flush)
 
     if args.breakdown and not args.errors_only:
         sources = {"ours": chunk_gated_delta_rule_triton}
