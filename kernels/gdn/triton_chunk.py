@@ -47,7 +47,8 @@ chunk-local intermediates are stored chunk-major and padded to ``C`` rows, where
 neutral (``g = beta = 0``, ``q = k = v = 0``).
 
 The forward keeps the inputs plus ``G`` and ``Tinv`` (``[NC, H, C]`` float32, ``[NC, H, C, C]``
-in the buffer dtype: C / (2V) of v's size) for the backward, which recomputes ``W``, ``u`` and the
+in the buffer dtype, or float32 with ``tinv_f32``: C / (2V) or C / V of a bf16 v's size) for the
+backward, which recomputes ``W``, ``u`` and the
 per-chunk states from them (one cheap prep pass and one forward state pass) rather than holding
 ``[NC, H, K, V]`` states between forward and backward.
 
@@ -256,6 +257,9 @@ class _Config:
     w_rhs: int = 8  # _bwd_rhs_kernel
     bv_rhs: int = 64  # V block of _bwd_rhs_kernel
     stages: int = 3  # num_stages of the chunk-parallel kernels (prep, output, bwd chunk)
+    tinv_f32: int = 1  # save Tinv in float32 and put beta (Gam) on it instead of on v (k): one
+    # 16-bit rounding less in W and U (interpreter: o error -14%) for C / (2V) of v's size more
+    # memory; 0 = Tinv in the buffer dtype (what the H200 measurements of 2026-11-29 ran)
 
 
 def _config(K: int, V: int, LOWP: int) -> _Config:
@@ -326,8 +330,8 @@ def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int, wa
 
 
 def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
-    """Intermediates (Tinv, W, u, per-chunk states and their gradients) are only ever matmul
-    operands, which LOWP casts to 16 bits anyway: store them in 16 bits then (half the memory
+    """Intermediates (W, u, per-chunk states and their gradients; Tinv unless tinv_f32) are only
+    ever matmul operands, which LOWP casts to 16 bits anyway: store them in 16 bits then (half the memory
     traffic), in float32 otherwise. G stays float32 and running states stay in registers."""
     return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
 
@@ -346,7 +350,9 @@ def _prep_and_states(
     have_tinv = Tinv is not None
     if not have_tinv:
         G = torch.empty(NC, H, C, device=dev, dtype=f32)
-        Tinv = torch.empty(NC, H, C, C, device=dev, dtype=idt)
+        # tinv_f32: float32, not the buffer dtype, since the prep scales it by beta (Gam) before
+        # rounding it to a 16-bit product operand
+        Tinv = torch.empty(NC, H, C, C, device=dev, dtype=f32 if cfg.tinv_f32 else idt)
     W = torch.empty(NC, H, C, K, device=dev, dtype=idt)
     u = torch.empty(NC, H, C, V, device=dev, dtype=idt)
     states = torch.empty(NC, H, K, V, device=dev, dtype=idt)
@@ -356,7 +362,8 @@ def _prep_and_states(
         _K._fwd_prep_kernel[(NC, H)](
             k, v, g, beta, G, Tinv, W, u, W if Q is None else Q, lay.chunk_tok0, lay.chunk_len,
             H=H, K=K, V=V, C=C, LOG2C=CHUNK.bit_length() - 1, BK=cfg.BK, BV=cfg.BV,
-            HAVE_TINV=have_tinv, STORE_Q=store_q, LOWP=LOWP, num_warps=cfg.w_prep,
+            HAVE_TINV=have_tinv, STORE_Q=store_q, TINV_F32=bool(cfg.tinv_f32), LOWP=LOWP,
+            num_warps=cfg.w_prep,
             num_stages=cfg.stages,
         )  # fmt: skip
     if N > 0:
@@ -508,7 +515,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     float32 rsqrt instead of the raw q, k (same memory; the backward needs nothing else), the
     backward has the chunk kernels write dq, dk in float32 and applies the norm's backward in
     one more kernel. Also saved: G and Tinv (``[NC, H, C]`` float32 and ``[NC, H, C, C]`` in the
-    buffer dtype, ~C / (2 V) of v's size), so the backward's recompute skips the UT inverse."""
+    buffer dtype or float32, ~C / (2 V) or C / V of a bf16 v's size), so the backward's recompute
+    skips the UT inverse."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, lay, LOWP, L2):

@@ -140,7 +140,7 @@ def test_packed_matches_reference(lens):
 # reverse pass (default) at narrow V slices; the two-product reverse pass (split_bwd=0, what
 # K > 128 uses); the forward state pass with / without its register prefetch; the bwd chunk
 # kernel split in three (split_bchunk, the default where K is not a multiple of the K block) and
-# the fused one
+# the fused one; Tinv saved in the buffer dtype with the diagonals on k and v (tinv_f32=0)
 VARIANTS = [
     "split_bwd=1,pf_fstate=0,bv_fstate=32",
     "split_bwd=1,bv_bstate=16,bv_rhs=16",
@@ -150,6 +150,7 @@ VARIANTS = [
     "split_bchunk=1",
     "split_bchunk=1,split_bwd=0,BK=16,BV=16,bk_bkb=0",
     "split_bchunk=0",
+    "tinv_f32=0",
 ]
 
 

@@ -114,6 +114,7 @@ VARIANTS = [
     "chain_q=0",
     "chain_q=0,pipe_bstate=0",
     "pipe_fstate=2",
+    "tinv_f32=0",  # Tinv in bf16, beta (Gam) on v (k)
 ]
 
 

@@ -31,11 +31,13 @@ def _fwd_prep_kernel(
     chunk_tok0_ptr, chunk_len_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, LOG2C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAVE_TINV: tl.constexpr, STORE_Q: tl.constexpr,
-    LOWP: tl.constexpr,
+    TINV_F32: tl.constexpr, LOWP: tl.constexpr,
 ):  # fmt: skip
     """Chunk-local prep: G = cumsum(g), Tinv = (I + A)^-1, W = Tinv beta Gam k, U = Tinv beta v.
     With HAVE_TINV (the backward's recompute) G and Tinv are read back from the forward. With
-    STORE_Q also Q = W^T (k gam / Gam) [K, K] for the reverse state pass (into Q_ptr)."""
+    STORE_Q also Q = W^T (k gam / Gam) [K, K] for the reverse state pass (into Q_ptr). TINV_F32:
+    Tinv is saved in float32 and the diagonals go on it (see below), else it is saved in the
+    buffer dtype and the diagonals go on k and v."""
     c = tl.program_id(0)
     h = tl.program_id(1)
     tok0 = tl.load(chunk_tok0_ptr + c)
@@ -48,8 +50,8 @@ def _fwd_prep_kernel(
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
     if HAVE_TINV:
         G_C = tl.load(G_ptr + (c.to(tl.int64) * H + h) * C + t_C)
-        # stored in the buffer dtype, which is what _dot rounds Tinv to anyway: W and U come
-        # out bitwise equal to the forward's
+        # saved in float32, or in the buffer dtype that _dot rounds it to anyway (not TINV_F32):
+        # either way W and U come out bitwise equal to the forward's
         Tinv_CC = tl.load(T_ptrs, mask=T_mask, other=0.0).to(tl.float32)
     else:
         g_C = tl.load(g_ptrs, mask=row_mask, other=0.0).to(tl.float32)
@@ -63,25 +65,42 @@ def _fwd_prep_kernel(
         Tinv_CC = _unit_lower_inverse(A_CC, C, LOG2C, LOWP)
         tl.store(T_ptrs, Tinv_CC.to(T_ptrs.dtype.element_ty), mask=T_mask)
 
-    bGam_C = b_C * tl.exp(G_C)
+    if TINV_F32:
+        # U = (Tinv diag(beta)) v and W = (Tinv diag(beta Gam)) k: the diagonal goes on Tinv
+        # (float32 here and as saved), so v and k enter the products exactly as stored and each
+        # product rounds one operand to 16 bits, not two. U first: Tinv is dead after Tb, one
+        # [C, C] float32 tile fewer live.
+        Tb_CC = Tinv_CC * b_C[None, :]
+        for v0 in range(0, V, BV):
+            v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
+            U_CV = _dot(Tb_CC, v_CV, LOWP)
+            U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+            tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
+        Tw_CC = Tb_CC * tl.exp(G_C)[None, :]
+    else:
+        Tw_CC = Tinv_CC
+        bGam_C = b_C * tl.exp(G_C)
     tail_C = tl.exp(_sum(tl.where(t_C == C - 1, G_C, 0.0), axis=0) - G_C)  # gam / Gam
     for k0 in range(0, K, BK):
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
-        w_CK = _dot(Tinv_CC, k_CK * bGam_C[:, None], LOWP)
+        if TINV_F32:
+            w_CK = _dot(Tw_CC, k_CK, LOWP)
+        else:
+            w_CK = _dot(Tw_CC, k_CK * bGam_C[:, None], LOWP)
         w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, k0, H, K, C, BK)
         tl.store(w_ptrs, w_CK.to(w_ptrs.dtype.element_ty), mask=w_mask)
         if STORE_Q:
-            # (_dot rounds W like its store above: Q is built from the W the passes use)
             for j0 in range(0, K, BK):
                 kdec_CK = _load_tok(k_ptr, tok0, n, h, j0, H, K, C, BK) * tail_C[:, None]
                 Q_KK = _dot(tl.trans(w_CK), kdec_CK, LOWP)
                 Q_ptrs, Q_mask = _state_ptrs(Q_ptr, c, h, k0, j0, H, K, K, BK, BK)
                 tl.store(Q_ptrs, Q_KK.to(Q_ptrs.dtype.element_ty), mask=Q_mask)
-    for v0 in range(0, V, BV):
-        v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
-        U_CV = _dot(Tinv_CC, v_CV * b_C[:, None], LOWP)
-        U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-        tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
+    if not TINV_F32:
+        for v0 in range(0, V, BV):
+            v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
+            U_CV = _dot(Tinv_CC, v_CV * b_C[:, None], LOWP)
+            U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+            tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
 
 
 # The state passes are a serial chain over chunks with little arithmetic per step, so they are
