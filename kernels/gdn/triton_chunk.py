@@ -305,7 +305,10 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
 _SM_COUNT: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None for the CPU (interpreter)."""
+    if device.type != "cuda":
+        return None
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
@@ -322,9 +325,10 @@ def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int, wa
     but not once it adds a wave (30 heads x 192 at 8 warps: 90 -> 180 programs, 4.5 -> 9.0 ms)."""
     if bv:
         return bv
-    if device.type != "cuda":
+    sms = _sm_count(device)
+    if sms is None:
         return min(64, _pow2(V))
-    slots = slots or _sm_count(device) * max(1, 8 // warps)
+    slots = slots or sms * max(1, 8 // warps)
     waves = {cand: triton.cdiv(triton.cdiv(V, cand) * n_rows, slots) for cand in (32, 64)}
     return min(32 if waves[32] <= waves[64] else 64, _pow2(V))
 
@@ -459,7 +463,7 @@ def _bwd_chunk_split(q, k, v, beta, do, G, Tinv, u, states, dstates, du, dq, dk,
     NKB = triton.cdiv(K, BKB)
     dev = q.device
     f32 = torch.float32
-    dP = torch.empty(NC, H, C, C, device=dev, dtype=Tinv.dtype)
+    dP = torch.empty(NC, H, C, C, device=dev, dtype=_buffer_dtype(q, LOWP))
     dB = torch.empty_like(dP)
     part = torch.empty(NC, H, 2, C, device=dev, dtype=f32)
     rows = torch.empty(NKB, NC, H, 4, C, device=dev, dtype=f32)

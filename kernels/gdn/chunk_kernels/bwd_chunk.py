@@ -47,7 +47,9 @@ def _bwd_local(
 
     # phase 2: V-contractions with u: dM = do u^T, dU' = Tinv^T du, dA = -dU' u^T; dv
     T_ptrs, T_mask = _chunk_ptrs(Tinv_ptr, c, h, 0, H, C, C, C)
-    Tinv_CC = tl.load(T_ptrs, mask=T_mask, other=0.0)
+    # in du's (the buffer's) dtype, what _dot rounds it to anyway: a float32 Tinv (tinv_f32) would
+    # hold twice the registers through the loop
+    Tinv_CC = tl.load(T_ptrs, mask=T_mask, other=0.0).to(du_ptr.dtype.element_ty)
     dM_CC = tl.full([C, C], 0.0, tl.float32)
     dA_CC = tl.full([C, C], 0.0, tl.float32)
     db_C = tl.full([C], 0.0, tl.float32)

@@ -1,0 +1,154 @@
+"""Registers and spills of every GDN Triton kernel one fwd+bwd launches, compiled for a GPU
+architecture on a machine without one.
+
+Tuning the kernels (``GDN_TRITON_CFG``, see ``kernels/gdn/triton_chunk._Config``) is mostly a
+matter of registers: a tile that spills, or a register count that halves the programs an SM
+holds, shows in the timings. Both can be read without a GPU. This tool runs the real host code
+of ``kernels.gdn.triton_chunk`` (compiled mode) on CPU tensors of the given shape, with Triton's
+driver replaced by a stand-in that reports the chosen target, and turns every launch into
+``warmup`` (compile, do not run). Each kernel is compiled with exactly the constexprs, warps and
+stages the host code picks (state-pass V slices as on a GPU with ``--sms`` multiprocessors), and
+``cuobjdump -res-usage`` reads registers, spill stack and shared memory from its cubin. The
+outputs are never computed, so nothing here checks results: the tests do that.
+
+    .venv/bin/python tools/kernel_resources.py --shape 4,8192,30,96,192
+    GDN_TRITON_CFG=tinv_f32=0,w_fstate=4 .venv/bin/python tools/kernel_resources.py --arch 90
+
+Prints one row per distinct compiled kernel (name, warps, stages, registers per thread, spill
+stack bytes, dynamic shared memory, programs per SM that registers, shared memory and warps
+allow) and, with ``--json``, writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_resources.py compiles kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REGS_PER_SM = 65536  # sm_80 .. sm_90
+SMEM_PER_SM = 227 * 1024  # sm_90 (sm_80: 163 KB)
+MAX_WARPS_PER_SM = 64
+
+
+class _CompileOnlyDriver:
+    """What JITFunction.run asks of the driver before a launch: a target, a device, a stream."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _cuobjdump() -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        sys.exit(f"cuobjdump not found at {path} (it ships with Triton's NVIDIA backend)")
+    return str(path)
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True)
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out.stdout))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def collect(shape: tuple[int, ...], dtype: torch.dtype, arch: int, sms: int) -> list[dict]:
+    """Compile every kernel of one fwd+bwd at ``shape`` = (B, T, H, K, V); one row per kernel."""
+    from kernels.gdn import triton_chunk
+
+    impl = triton_chunk._module_in_mode(triton_chunk, interpret=False)
+    impl._sm_count = lambda device: sms
+    previous = driver._active  # None on a machine without a GPU; reset_active() would raise
+    driver.set_active(_CompileOnlyDriver(arch))
+    rows: dict[tuple, dict] = {}
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        warps = kernel.metadata.num_warps
+        key = (self.__name__, warps, kernel.hash)
+        if key not in rows:
+            res = _resources(kernel.asm["cubin"])
+            smem = kernel.metadata.shared  # dynamic shared memory the launch asks for
+            per_sm = min(
+                REGS_PER_SM // max(1, res.get("reg", 1) * 32 * warps),
+                SMEM_PER_SM // max(1, smem),
+                MAX_WARPS_PER_SM // warps,
+            )
+            rows[key] = dict(kernel=self.__name__, warps=warps, stages=kernel.metadata.num_stages,
+                             reg=res.get("reg", 0), spill=res.get("stack", 0), smem=smem,
+                             programs_per_sm=per_sm)  # fmt: skip
+        return kernel
+
+    JITFunction.run = compile_only
+    try:
+        B, T, H, K, V = shape
+        x = {
+            "q": torch.randn(B, T, H, K, dtype=dtype), "k": torch.randn(B, T, H, K, dtype=dtype),
+            "v": torch.randn(B, T, H, V, dtype=dtype), "g": -torch.rand(B, T, H),
+            "beta": torch.rand(B, T, H).to(dtype),
+        }  # fmt: skip
+        x = {n: t.requires_grad_() for n, t in x.items()}
+        o, _ = impl._chunk_gated_delta_rule(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, False, None, True
+        )
+        o.backward(torch.ones_like(o))
+    finally:
+        JITFunction.run = run
+        driver._active = previous
+    return list(rows.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="4,8192,30,96,192", help="B,T,H,K,V")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (H100/H200: 90)")
+    ap.add_argument("--sms", type=int, default=132, help="multiprocessors (H200: 132)")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    shape = tuple(int(s) for s in args.shape.split(","))
+    rows = collect(shape, dtype, args.arch, args.sms)
+    cfg = os.environ.get("GDN_TRITON_CFG", "")
+    print(f"sm_{args.arch}, shape {shape}, {args.dtype}, GDN_TRITON_CFG={cfg!r}")
+    print(f"{'kernel':24s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s}"
+          f" {'prog/SM':>8s}")  # fmt: skip
+    for r in rows:
+        print(f"{r['kernel']:24s} {r['warps']:5d} {r['stages']:6d} {r['reg']:5d} {r['spill']:8d} "
+              f"{r['smem']:7d} {r['programs_per_sm']:8d}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(shape=shape, cfg=cfg, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
