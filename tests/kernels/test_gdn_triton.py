@@ -163,8 +163,14 @@ def test_kernel_variants_match_reference(cfg, monkeypatch):
     assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
 
 
-def test_head_dim_above_128():
-    """K > 128 takes the two-product reverse pass with [K, 16] state slices (see _config)."""
+# K > 128: the default two-product reverse pass with [K, 16] state slices (see _config), and the
+# split kernels without Q (which compile without spills there, tools/kernel_resources.py)
+K_ABOVE_128 = ["", "split_bwd=1,chain_q=0,bv_bstate=32,split_bchunk=1"]
+
+
+@pytest.mark.parametrize("cfg", K_ABOVE_128, ids=["default", "split"])
+def test_head_dim_above_128(cfg, monkeypatch):
+    monkeypatch.setenv("GDN_TRITON_CFG", cfg)
     lens = [70, 9]
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     inputs = make_inputs(sum(lens), 136, 24, batch=1, n_seqs=2, l2=True, h0=True, seed=31)
