@@ -280,15 +280,17 @@ def sweep_one(cfg: str, shape, out_path: str) -> None:
     warm = time.time() - t0
     fwd = bench(fn, x, leaves, backward=False)
     fwdbwd = bench(fn, x, leaves, backward=True)
+    peak = peak_mib(fn, x, leaves)  # settings such as save_fwd trade memory for time
     del x, leaves
     bd = kernel_breakdown(shape)
-    row = dict(cfg=cfg, fwd_ms=fwd, fwd_bwd_ms=fwdbwd, breakdown_ms=bd, errors=err,
+    row = dict(cfg=cfg, fwd_ms=fwd, fwd_bwd_ms=fwdbwd, peak_mib=peak, breakdown_ms=bd, errors=err,
                errors_T64=small, first_call_s=warm)  # fmt: skip
     Path(out_path).write_text(json.dumps(row, indent=2))
     kern = " ".join(f"{k.strip('_').removesuffix('_kernel')}={t:.2f}"
                     for k, t in bd.items() if k.startswith("_"))  # fmt: skip
     worst = max(max(err.values()), max(small.values()))
-    print(f"[{cfg or 'default'}] fwd {fwd:.2f} fwd+bwd {fwdbwd:.2f} ms (warm-up {warm:.0f}s) "
+    print(f"[{cfg or 'default'}] fwd {fwd:.2f} fwd+bwd {fwdbwd:.2f} ms, peak {peak:.0f} MiB "
+          f"(warm-up {warm:.0f}s) "
           f"max bf16 rel err {worst:.1e} | {kern}", flush=True)  # fmt: skip
 
 

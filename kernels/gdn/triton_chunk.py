@@ -257,6 +257,9 @@ class _Config:
     w_rhs: int = 8  # _bwd_rhs_kernel
     bv_rhs: int = 64  # V block of _bwd_rhs_kernel
     stages: int = 3  # num_stages of the chunk-parallel kernels (prep, output, bwd chunk)
+    save_fwd: int = 0  # keep the forward's W, u and per-chunk states for the backward instead of
+    # recomputing them (skips a prep and a state pass, or the state pass alone with chain_q) for
+    # (C K + C V + K V) / (C V) x a bf16 v's size more memory between forward and backward
     tinv_f32: int = 1  # save Tinv in float32 and put beta (Gam) on it instead of on v (k): one
     # 16-bit rounding less in W and U (o error 4.45e-3 -> 4.13e-3, fla's 4.45e-3, under
     # benchmarks/gdn_emulated_errors.py) for C / (2V) of v's size more memory; 0 = Tinv in the
@@ -341,14 +344,12 @@ def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
     return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
 
 
-def _prep_and_states(
-    k, v, g, beta, h0, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False
-):
-    """Prep + forward state pass. G and Tinv are computed unless given (the backward passes the
-    forward's). Returns (G, Tinv, W, u, states, final_state, Q or None)."""
+def _prep(k, v, g, beta, lay: _Layout, cfg: _Config, LOWP: int, G=None, Tinv=None, store_q=False):
+    """Chunk-local prep. G and Tinv are computed unless given (the backward passes the
+    forward's). Returns (G, Tinv, W, u, Q or None)."""
     T, H, K = k.shape
     V = v.shape[-1]
-    NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
+    NC, C = lay.n_chunks, CHUNK
     dev = k.device
     f32 = torch.float32
     idt = _buffer_dtype(k, LOWP)
@@ -360,8 +361,6 @@ def _prep_and_states(
         Tinv = torch.empty(NC, H, C, C, device=dev, dtype=f32 if cfg.tinv_f32 else idt)
     W = torch.empty(NC, H, C, K, device=dev, dtype=idt)
     u = torch.empty(NC, H, C, V, device=dev, dtype=idt)
-    states = torch.empty(NC, H, K, V, device=dev, dtype=idt)
-    ht = torch.empty(N, H, K, V, device=dev, dtype=f32)
     Q = torch.empty(NC, H, K, K, device=dev, dtype=idt) if store_q else None
     if NC > 0:
         _K._fwd_prep_kernel[(NC, H)](
@@ -371,6 +370,17 @@ def _prep_and_states(
             num_warps=cfg.w_prep,
             num_stages=cfg.stages,
         )  # fmt: skip
+    return G, Tinv, W, u, Q
+
+
+def _fwd_states(k, G, W, u, h0, lay: _Layout, cfg: _Config, LOWP: int):
+    """Forward state pass: (the state entering every chunk [NC, H, K, V], final states)."""
+    T, H, K = k.shape
+    V = u.shape[-1]
+    NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
+    dev = k.device
+    states = torch.empty(NC, H, K, V, device=dev, dtype=W.dtype)
+    ht = torch.empty(N, H, K, V, device=dev, dtype=torch.float32)
     if N > 0:
         bv = _state_bv(cfg.bv_fstate, V, N * H, dev, cfg.slots, cfg.w_fstate)
         _K._fwd_state_kernel[(triton.cdiv(V, bv), N * H)](
@@ -380,15 +390,17 @@ def _prep_and_states(
             PREFETCH=bool(cfg.pf_fstate), PIPE=cfg.pipe_fstate, LOWP=LOWP,
             num_warps=cfg.w_fstate,
         )  # fmt: skip
-    return G, Tinv, W, u, states, ht, Q
+    return states, ht
 
 
 def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
-    """Returns (o, final_state, G, Tinv); G and Tinv are kept for the backward."""
+    """Returns (o, final_state, G, Tinv, (W, u, states) if save_fwd else None); G, Tinv and
+    those are kept for the backward."""
     T, H, K = q.shape
     V = v.shape[-1]
     cfg = _config(K, V, LOWP)
-    G, Tinv, _, u, states, ht, _ = _prep_and_states(k, v, g, beta, h0, lay, cfg, LOWP)
+    G, Tinv, W, u, _ = _prep(k, v, g, beta, lay, cfg, LOWP)
+    states, ht = _fwd_states(k, G, W, u, h0, lay, cfg, LOWP)
     o = torch.empty(T, H, V, device=q.device, dtype=q.dtype)
     if lay.n_chunks > 0:
         _K._fwd_output_kernel[(triton.cdiv(V, cfg.bv_out), lay.n_chunks, H)](
@@ -397,18 +409,26 @@ def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
             num_warps=cfg.w_out,
             num_stages=cfg.stages,
         )  # fmt: skip
-    return o, ht, G, Tinv
+    return o, ht, G, Tinv, ((W, u, states) if cfg.save_fwd else None)
 
 
-def _backward(q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP: int, dqk_dtype):
+def _backward(
+    q, k, v, g, beta, h0, G, Tinv, scale, lay: _Layout, do, dht, LOWP: int, dqk_dtype, saved=None
+):
+    """``saved``: the forward's (W, u, states) (save_fwd), else they are recomputed."""
     T, H, K = q.shape
     V = v.shape[-1]
     NC, N, C = lay.n_chunks, lay.n_seqs, CHUNK
     cfg = _config(K, V, LOWP)
     split = bool(cfg.split_bwd)
-    G, Tinv, W, u, states, _, Q = _prep_and_states(
-        k, v, g, beta, h0, lay, cfg, LOWP, G, Tinv, store_q=split and bool(cfg.chain_q)
-    )
+    need_q = split and bool(cfg.chain_q)
+    if saved is None:
+        G, Tinv, W, u, Q = _prep(k, v, g, beta, lay, cfg, LOWP, G, Tinv, store_q=need_q)
+        states, _ = _fwd_states(k, G, W, u, h0, lay, cfg, LOWP)
+    else:
+        W, u, states = saved
+        # the prep's recompute still builds Q (its W and u come out bitwise equal to these)
+        Q = _prep(k, v, g, beta, lay, cfg, LOWP, G, Tinv, store_q=True)[4] if need_q else None
     dev = q.device
     idt = _buffer_dtype(q, LOWP)
     dstates = torch.empty(NC, H, K, V, device=dev, dtype=idt)
@@ -521,31 +541,32 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     backward has the chunk kernels write dq, dk in float32 and applies the norm's backward in
     one more kernel. Also saved: G and Tinv (``[NC, H, C]`` float32 and ``[NC, H, C, C]`` in the
     buffer dtype or float32, ~C / (2 V) or C / V of a bf16 v's size), so the backward's recompute
-    skips the UT inverse."""
+    skips the UT inverse; with ``save_fwd`` also W, u and the per-chunk states, so that it skips
+    the recompute."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, h0, scale, lay, LOWP, L2):
         if L2:
             (q, rq), (k, rk) = _l2norm_fwd(q), _l2norm_fwd(k)
-        o, ht, G, Tinv = _forward(q, k, v, g, beta, h0, scale, lay, LOWP)
-        if L2:
-            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, rq, rk)
-        else:
-            ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv)
+        o, ht, G, Tinv, saved = _forward(q, k, v, g, beta, h0, scale, lay, LOWP)
+        rstd = (rq, rk) if L2 else ()
+        ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, *rstd, *(saved or ()))
         ctx.scale, ctx.lay, ctx.LOWP, ctx.L2 = scale, lay, LOWP, L2
+        ctx.n_rstd, ctx.saved_fwd = len(rstd), saved is not None
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, h0, G, Tinv, *rstd = ctx.saved_tensors
+        q, k, v, g, beta, h0, G, Tinv, *rest = ctx.saved_tensors
+        rstd, saved = rest[: ctx.n_rstd], (tuple(rest[ctx.n_rstd :]) if ctx.saved_fwd else None)
         L2 = ctx.L2
         do = torch.zeros(v.shape, device=v.device, dtype=q.dtype) if do is None else do.contiguous()
         dht = None if dht is None else dht.contiguous()
         # float32 dq, dk ahead of the norm's backward, which subtracts their projection on q, k
         dqk_dtype = torch.float32 if L2 else q.dtype
         dq, dk, dv, dg, dbeta, dh0 = _backward(
-            q, k, v, g, beta, h0, G, Tinv, ctx.scale, ctx.lay, do, dht, ctx.LOWP, dqk_dtype
+            q, k, v, g, beta, h0, G, Tinv, ctx.scale, ctx.lay, do, dht, ctx.LOWP, dqk_dtype, saved
         )
         if L2:
             dq = _l2norm_bwd(q, rstd[0], dq, q.dtype)

@@ -140,7 +140,8 @@ def test_packed_matches_reference(lens):
 # reverse pass (default) at narrow V slices; the two-product reverse pass (split_bwd=0, what
 # K > 128 uses); the forward state pass with / without its register prefetch; the bwd chunk
 # kernel split in three (split_bchunk, the default where K is not a multiple of the K block) and
-# the fused one; Tinv saved in the buffer dtype with the diagonals on k and v (tinv_f32=0)
+# the fused one; Tinv saved in the buffer dtype with the diagonals on k and v (tinv_f32=0); the
+# forward's W, u and states kept for the backward (save_fwd), with and without Q
 VARIANTS = [
     "split_bwd=1,pf_fstate=0,bv_fstate=32",
     "split_bwd=1,bv_bstate=16,bv_rhs=16",
@@ -151,6 +152,8 @@ VARIANTS = [
     "split_bchunk=1,split_bwd=0,BK=16,BV=16,bk_bkb=0",
     "split_bchunk=0",
     "tinv_f32=0",
+    "save_fwd=1",
+    "save_fwd=1,chain_q=0",
 ]
 
 
@@ -161,6 +164,25 @@ def test_kernel_variants_match_reference(cfg, monkeypatch):
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     inputs = make_inputs(sum(lens), 24, 40, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=29)
     assert_matches_reference(inputs, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+
+
+@pytest.mark.parametrize("chain_q", [1, 0])
+def test_saved_forward_gives_bitwise_the_recomputed_gradients(chain_q, monkeypatch):
+    """save_fwd keeps the forward's W, u and states instead of recomputing them: the same kernels
+    on the same inputs, so every output and gradient must be bitwise equal (bf16, where a
+    recompute that differed in any rounding would show)."""
+    lens = [1, 70, 0, 64]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    inputs = make_inputs(sum(lens), 24, 40, batch=1, n_seqs=len(lens), l2=True, h0=True, seed=5)
+    kw = dict(cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    runs = []
+    for save in (0, 1):
+        monkeypatch.setenv("GDN_TRITON_CFG", f"save_fwd={save},chain_q={chain_q}")
+        runs.append(run_with_grads(chunk_gated_delta_rule_triton, inputs, torch.bfloat16, **kw))
+    (o0, s0, g0), (o1, s1, g1) = runs
+    assert torch.equal(o0, o1) and torch.equal(s0, s1)
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), n
 
 
 # K > 128: the default two-product reverse pass with [K, 16] state slices (see _config), and the

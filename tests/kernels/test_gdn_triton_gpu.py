@@ -122,6 +122,8 @@ VARIANTS = [
     "chain_q=0,pipe_bstate=0",
     "pipe_fstate=2",
     "tinv_f32=0",  # Tinv in bf16, beta (Gam) on v (k)
+    "save_fwd=1",  # the forward's W, u, states kept for the backward
+    "save_fwd=1,chain_q=0",
 ]
 
 
