@@ -6,8 +6,8 @@
 #   3. that 1B checkpoint -> HF (validated against transformers) -> ours -> HF (bitwise), then
 #      generation and held-out perplexity on the GPU with tools/generate.py
 #   4. the GDN kernels (kernels/gdn): ktests = the GPU kernel tests (correctness, determinism,
-#      K > 128, non-default settings), ksweep = our kernels under several GDN_TRITON_CFG settings
-#      (SWEEP) at shapes KSWEEP, kbench = the table against fla (guard bypassed, timing only)
+#      K > 128), kvariants = the same checks under non-default settings, ksweep = our kernels
+#      under several GDN_TRITON_CFG settings (SWEEP) at shapes KSWEEP, kbench = the table against fla (guard bypassed, timing only)
 #      and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
@@ -79,8 +79,14 @@ if want ktests; then
 echo "== 4a. GDN kernels: GPU tests"
 # the whole log goes to $OUT first: a call that runs out of time still brings back what ran
 python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_gdn_triton_gpu.py \
-  tests/kernels/test_conv_norm_gpu.py > "$OUT/ktests.log" 2>&1
+  tests/kernels/test_conv_norm_gpu.py -k "not kernel_variants" > "$OUT/ktests.log" 2>&1
 grep -E "rel errors|^  o=|passed|failed|Error" "$OUT/ktests.log" | tail -80
+fi
+if want kvariants; then
+echo "== 4a'. GDN kernels: GPU tests of the non-default settings (GDN_TRITON_CFG)"
+python3 -m pytest -q -s -m gpu -p no:cacheprovider tests/kernels/test_gdn_triton_gpu.py \
+  -k kernel_variants > "$OUT/kvariants.log" 2>&1
+grep -E "rel errors|^  o=|passed|failed|Error" "$OUT/kvariants.log" | tail -40
 fi
 if want ksweep; then
 echo "== 4b. GDN kernels: settings sweep"
