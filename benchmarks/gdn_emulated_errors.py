@@ -24,7 +24,7 @@ emulation gives a non-finite dg (not investigated: fla is not ours and its GPU b
 on this Triton anyway), so ``--grads`` reports fla's dg as such.
 
     TRITON_INTERPRET=1 python benchmarks/gdn_emulated_errors.py --fla-path /tmp/fla_site \\
-        --shape 1,1024,4,96,192 --seeds 1,2 [--grads] [--out errors.json]
+        --shape 1,1024,4,96,192 --seeds 1,2 [--lens 1,100,0,37,...] [--grads] [--out errors.json]
 
 Compare settings with ``GDN_TRITON_CFG`` (e.g. ``tinv_f32=0``). ~40 s per seed at the default
 shape on two cores (both implementations).
@@ -155,9 +155,9 @@ def make_inputs(B, T, H, K, V, seed):
     return dict(q=q, k=k, v=v, g=g, beta=beta)
 
 
-def run(fn, inputs, do=None) -> dict:
+def run(fn, inputs, do=None, cu_seqlens=None) -> dict:
     inputs = {n: t.detach().clone().requires_grad_(do is not None) for n, t in inputs.items()}
-    o = fn(**inputs, use_qk_l2norm_in_kernel=True)[0]
+    o = fn(**inputs, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)[0]
     out = {"o": o.detach().float()}
     if do is not None:
         o.backward(do.to(o.dtype))
@@ -168,6 +168,7 @@ def run(fn, inputs, do=None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1,1024,4,96,192", help="B,T,H,K,V")
+    ap.add_argument("--lens", help="packed sequence lengths (B = 1, T = their sum): 1,100,0,37")
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--grads", action="store_true", help="also every gradient (vs same inputs)")
     ap.add_argument("--fla-path", help="folder holding the fla package (kept off the default path)")
@@ -182,8 +183,13 @@ def main() -> None:
     if fla_gdn is not None:
         impls["fla 0.6"] = fla_gdn
     B, T, H, K, V = (int(x) for x in args.shape.split(","))
+    cu = None
+    if args.lens:
+        lens = [int(x) for x in args.lens.split(",")]
+        B, T, cu = 1, sum(lens), torch.tensor([0] + lens).cumsum(0)
     cfg = os.environ.get("GDN_TRITON_CFG", "")
-    print(f"B={B} T={T} H={H} K={K} V={V}, bf16, GDN_TRITON_CFG={cfg!r}; rel L2 error vs the "
+    packed = f" packed {args.lens}" if cu is not None else ""
+    print(f"B={B} T={T}{packed} H={H} K={K} V={V}, bf16, GDN_TRITON_CFG={cfg!r}; rel L2 error vs the "
           "float32 chunked reference on the fp32 inputs / on the same bf16-rounded inputs")  # fmt: skip
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -191,14 +197,15 @@ def main() -> None:
         x16 = {n: (t if n == "g" else t.to(torch.bfloat16)) for n, t in x32.items()}
         do = torch.randn(B, T, H, V, generator=torch.Generator().manual_seed(seed + 100))
         with torch.no_grad():
-            ref32 = run(chunk_gated_delta_rule_torch, x32)["o"]
+            ref32 = run(chunk_gated_delta_rule_torch, x32, cu_seqlens=cu)["o"]
         ref = run(chunk_gated_delta_rule_torch, {n: t.float() for n, t in x16.items()},
-                  do if args.grads else None)  # fmt: skip
+                  do if args.grads else None, cu)  # fmt: skip
         for name, fn in impls.items():
-            got = run(fn, x16, do if args.grads else None)
+            got = run(fn, x16, do if args.grads else None, cu)
             err = {"o_vs_fp32_inputs": ((got["o"] - ref32).norm() / ref32.norm()).item()}
             err.update({k: ((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref})
-            rows.append(dict(seed=seed, impl=name, cfg=cfg, shape=[B, T, H, K, V], errors=err))
+            rows.append(dict(seed=seed, impl=name, cfg=cfg, shape=[B, T, H, K, V],
+                             lens=args.lens, errors=err))  # fmt: skip
             print(f"seed {seed} {name:8s} " + "  ".join(f"{k} {v:.3e}" for k, v in err.items()),
                   flush=True)  # fmt: skip
     if args.out:
