@@ -18,6 +18,9 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton_cache TORCHDYNAMO_DISABLE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # kernel-only sessions skip the TE bring-up: carry .gpu/wheels and .gpu/extra in the first call
+# (.gpu/wheels from ../shared/gpu/stage.sh; .gpu/extra made here with
+#  .venv/bin/python -m pip download -q --no-deps -d .gpu/extra -c constraints.txt \
+#      pytest iniconfig pluggy packaging pygments einops)
 # and it installs pytest (into /tmp/site) and fla + einops (into /tmp/fla_site, for kbench)
 if [ -d .gpu/extra ] && [ ! -d /tmp/site/pytest ]; then
   mkdir -p /tmp/gpu && cp -r .gpu/* /tmp/gpu/
