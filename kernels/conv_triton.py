@@ -45,12 +45,18 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def _gpu_sizes(x: torch.Tensor) -> bool:
+    """Block sizes for compiled kernels on a GPU (else the interpreter's small ones).
+    tools/kernel_resources.py overrides this to compile the GPU's kernels on a CPU."""
+    return x.is_cuda and not interpreting()
+
+
 def _blocks(x: torch.Tensor, C: int, backward: bool, rolling: bool) -> tuple[int, int, int]:
     """(BT, BC, num_warps). Tile kernels (widths > 4): ~16-32 fp32 values per thread per tile
     (the backward keeps more tiles live). Rolling kernels: BT rows walked per program, [BC] rows
     of 4 values per thread. Small blocks in the interpreter, so that tests with small odd sizes
     still cross time and channel block boundaries."""
-    gpu = x.is_cuda and not interpreting()
+    gpu = _gpu_sizes(x)
     if rolling:
         return (64, min(512, triton.next_power_of_2(C)), 4) if gpu else (8, 16, 4)
     if gpu:

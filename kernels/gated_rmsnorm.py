@@ -191,12 +191,18 @@ def _row_stride(t2: torch.Tensor) -> int:
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
+def _gpu_sizes(x: torch.Tensor) -> bool:
+    """Tile sizes for compiled kernels on a GPU (else the interpreter's small ones).
+    tools/kernel_resources.py overrides this to compile the GPU's kernels on a CPU."""
+    return x.is_cuda and not triton.knobs.runtime.interpret
+
+
 def _tiles(x: torch.Tensor, V: int) -> tuple[int, int]:
     """(BR, BV): ~2K-element tiles on the GPU (16 fp32 values per thread and tile at 4 warps;
     the backward keeps several tiles live); few rows in the interpreter so that small test
     shapes span several blocks and several backward programs."""
     BV = triton.next_power_of_2(V)
-    if x.is_cuda and not triton.knobs.runtime.interpret:
+    if _gpu_sizes(x):
         return max(1, 2048 // BV), BV
     return 4, BV
 
@@ -241,7 +247,7 @@ class _GatedRMSNormFn(torch.autograd.Function):
             dy_RV = dy_RV.contiguous()
         # 4 blocks per program at 8 warps: 118 registers (offline sm_90 compile), two programs
         # per SM with 12 tile loads each in flight
-        steps = 4 if x2_RV.is_cuda and not triton.knobs.runtime.interpret else 2
+        steps = 4 if _gpu_sizes(x2_RV) else 2
         G = max(1, triton.cdiv(R, BR * steps))  # programs, each with one dweight partial
         dx_RV = torch.empty((R, V), dtype=x2_RV.dtype, device=x2_RV.device)
         dg_RV = torch.empty((R, V), dtype=g2_RV.dtype, device=x2_RV.device)

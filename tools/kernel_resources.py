@@ -1,5 +1,6 @@
-"""Registers and spills of every GDN Triton kernel one fwd+bwd launches, compiled for a GPU
-architecture on a machine without one.
+"""Registers and spills of every GDN Triton kernel one fwd+bwd launches (and, with
+``--conv-norm``, of the layer's conv1d and gated-norm kernels), compiled for a GPU architecture
+on a machine without one.
 
 Tuning the kernels (``GDN_TRITON_CFG``, see ``kernels/gdn/triton_chunk._Config``) is mostly a
 matter of registers: a tile that spills, or a register count that halves the programs an SM
@@ -11,7 +12,7 @@ stages the host code picks (state-pass V slices as on a GPU with ``--sms`` multi
 ``cuobjdump -res-usage`` reads registers, spill stack and shared memory from its cubin. The
 outputs are never computed, so nothing here checks results: the tests do that.
 
-    .venv/bin/python tools/kernel_resources.py --shape 4,8192,30,96,192
+    .venv/bin/python tools/kernel_resources.py --shape 4,8192,30,96,192 --conv-norm 11520,192
     GDN_TRITON_CFG=tinv_f32=0,w_fstate=4 .venv/bin/python tools/kernel_resources.py --arch 90
 
 Prints one row per distinct compiled kernel (name, warps, stages, registers per thread, spill
@@ -22,6 +23,7 @@ allow) and, with ``--json``, writes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -81,18 +83,15 @@ def _resources(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
-def collect(shape: tuple[int, ...], dtype: torch.dtype, arch: int, sms: int) -> list[dict]:
-    """Compile every kernel of one fwd+bwd at ``shape`` = (B, T, H, K, V); one row per kernel."""
-    from kernels.gdn import triton_chunk
-
-    impl = triton_chunk._module_in_mode(triton_chunk, interpret=False)
-    impl._sm_count = lambda device: sms
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Within: every Triton launch compiles for sm_<arch> and is not run; yields the rows."""
     previous = driver._active  # None on a machine without a GPU; reset_active() would raise
     driver.set_active(_CompileOnlyDriver(arch))
     rows: dict[tuple, dict] = {}
     run = JITFunction.run
 
-    def compile_only(self, *args, grid, warmup, **kwargs):
+    def compile_instead(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         warps = kernel.metadata.num_warps
         key = (self.__name__, warps, kernel.hash)
@@ -109,23 +108,56 @@ def collect(shape: tuple[int, ...], dtype: torch.dtype, arch: int, sms: int) -> 
                              programs_per_sm=per_sm)  # fmt: skip
         return kernel
 
-    JITFunction.run = compile_only
+    JITFunction.run = compile_instead
+    out: list[dict] = []
     try:
-        B, T, H, K, V = shape
-        x = {
-            "q": torch.randn(B, T, H, K, dtype=dtype), "k": torch.randn(B, T, H, K, dtype=dtype),
-            "v": torch.randn(B, T, H, V, dtype=dtype), "g": -torch.rand(B, T, H),
-            "beta": torch.rand(B, T, H).to(dtype),
-        }  # fmt: skip
-        x = {n: t.requires_grad_() for n, t in x.items()}
+        yield out
+    finally:
+        JITFunction.run = run
+        driver._active = previous
+        out.extend(rows.values())
+
+
+def gdn_rows(shape: tuple[int, ...], dtype: torch.dtype, arch: int, sms: int) -> list[dict]:
+    """Every kernel of one GDN fwd+bwd at ``shape`` = (B, T, H, K, V), in-kernel L2 norm."""
+    from kernels.gdn import triton_chunk
+
+    impl = triton_chunk._module_in_mode(triton_chunk, interpret=False)
+    impl._sm_count = lambda device: sms
+    B, T, H, K, V = shape
+    x = {
+        "q": torch.randn(B, T, H, K, dtype=dtype), "k": torch.randn(B, T, H, K, dtype=dtype),
+        "v": torch.randn(B, T, H, V, dtype=dtype), "g": -torch.rand(B, T, H),
+        "beta": torch.rand(B, T, H).to(dtype),
+    }  # fmt: skip
+    x = {n: t.requires_grad_() for n, t in x.items()}
+    with compile_only(arch) as rows:
         o, _ = impl._chunk_gated_delta_rule(
             x["q"], x["k"], x["v"], x["g"], x["beta"], None, None, False, None, True
         )
         o.backward(torch.ones_like(o))
-    finally:
-        JITFunction.run = run
-        driver._active = previous
-    return list(rows.values())
+    return rows
+
+
+def conv_norm_rows(channels: int, head_v: int, dtype: torch.dtype, arch: int) -> list[dict]:
+    """The GDN layer's causal conv1d + SiLU (width 4, ``channels`` wide, document resets) and
+    gated RMSNorm (rows of ``head_v``) fwd+bwd, with the block sizes the GPU path picks."""
+    from kernels import conv_triton, gated_rmsnorm
+
+    conv_triton._gpu_sizes = gated_rmsnorm._gpu_sizes = lambda x: True
+    T = 256  # the grid, not the kernels, depends on T
+    x = torch.randn(1, T, channels, dtype=dtype, requires_grad=True)
+    w = torch.randn(channels, 4, dtype=dtype, requires_grad=True)
+    cu = torch.tensor([0, 100, T], dtype=torch.int32)
+    xn = torch.randn(T, head_v, dtype=dtype, requires_grad=True)
+    gate = torch.randn(T, head_v, dtype=dtype, requires_grad=True)
+    weight = torch.ones(head_v, dtype=dtype, requires_grad=True)
+    with compile_only(arch) as rows:
+        y = conv_triton.causal_conv1d_triton(x, w, cu_seqlens=cu)[0]
+        y.backward(torch.ones_like(y))
+        yn = gated_rmsnorm.gated_rmsnorm_triton(xn, gate, weight)
+        yn.backward(torch.ones_like(yn))
+    return rows
 
 
 def main() -> None:
@@ -134,17 +166,23 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (H100/H200: 90)")
     ap.add_argument("--sms", type=int, default=132, help="multiprocessors (H200: 132)")
+    ap.add_argument("--conv-norm", metavar="CHANNELS,V", help="also the conv1d over CHANNELS and "
+                    "the gated norm over rows of V (Olmo Hybrid 7B: 11520,192)")  # fmt: skip
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shape = tuple(int(s) for s in args.shape.split(","))
-    rows = collect(shape, dtype, args.arch, args.sms)
+    rows = gdn_rows(shape, dtype, args.arch, args.sms)
+    if args.conv_norm:
+        channels, head_v = (int(s) for s in args.conv_norm.split(","))
+        rows += conv_norm_rows(channels, head_v, dtype, args.arch)
     cfg = os.environ.get("GDN_TRITON_CFG", "")
-    print(f"sm_{args.arch}, shape {shape}, {args.dtype}, GDN_TRITON_CFG={cfg!r}")
-    print(f"{'kernel':24s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s}"
+    print(f"sm_{args.arch}, shape {shape}, {args.dtype}, GDN_TRITON_CFG={cfg!r}"
+          + (f", conv / norm {args.conv_norm}" if args.conv_norm else ""))  # fmt: skip
+    print(f"{'kernel':26s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>8s} {'smem B':>7s}"
           f" {'prog/SM':>8s}")  # fmt: skip
     for r in rows:
-        print(f"{r['kernel']:24s} {r['warps']:5d} {r['stages']:6d} {r['reg']:5d} {r['spill']:8d} "
+        print(f"{r['kernel']:26s} {r['warps']:5d} {r['stages']:6d} {r['reg']:5d} {r['spill']:8d} "
               f"{r['smem']:7d} {r['programs_per_sm']:8d}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(dict(shape=shape, cfg=cfg, rows=rows), indent=1))
