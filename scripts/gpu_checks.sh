@@ -7,8 +7,8 @@
 #      generation and held-out perplexity on the GPU with tools/generate.py
 #   4. the GDN kernels (kernels/gdn): ktests = the GPU kernel tests (correctness, determinism,
 #      K > 128), kvariants = the same checks under non-default settings, ksweep = our kernels
-#      under several GDN_TRITON_CFG settings (SWEEP) at shapes KSWEEP, kbench = the table against fla (guard bypassed, timing only)
-#      and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
+#      under several GDN_TRITON_CFG settings (SWEEP) at shapes KSWEEP, kbench = the table
+#      against fla (guard bypassed, timing only) and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
 # STEPS selects (default "parity demo convert"; kernel steps only when named); ITERS the demo's

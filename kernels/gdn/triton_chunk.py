@@ -47,10 +47,10 @@ chunk-local intermediates are stored chunk-major and padded to ``C`` rows, where
 neutral (``g = beta = 0``, ``q = k = v = 0``).
 
 The forward keeps the inputs plus ``G`` and ``Tinv`` (``[NC, H, C]`` float32, ``[NC, H, C, C]``
-in the buffer dtype, or float32 with ``tinv_f32``: C / (2V) or C / V of a bf16 v's size) for the
-backward, which recomputes ``W``, ``u`` and the
-per-chunk states from them (one cheap prep pass and one forward state pass) rather than holding
-``[NC, H, K, V]`` states between forward and backward.
+float32 with ``tinv_f32`` (the default), else in the buffer dtype: C / V or C / (2V) of a bf16 v's
+size) for the backward, which recomputes ``W``, ``u`` and the per-chunk states from them (one
+cheap prep pass and one forward state pass) rather than holding ``[NC, H, K, V]`` states between
+forward and backward (``save_fwd`` holds them instead).
 
 Block sizes, warps and the kernel variants are in ``_config`` (tuned on the H200; override with
 ``GDN_TRITON_CFG`` for tuning runs, see ``benchmarks/gdn_kernels.py --sweep``).
@@ -339,8 +339,8 @@ def _state_bv(bv: int, V: int, n_rows: int, device: torch.device, slots: int, wa
 
 def _buffer_dtype(x: torch.Tensor, LOWP: int) -> torch.dtype:
     """Intermediates (W, u, per-chunk states and their gradients; Tinv unless tinv_f32) are only
-    ever matmul operands, which LOWP casts to 16 bits anyway: store them in 16 bits then (half the memory
-    traffic), in float32 otherwise. G stays float32 and running states stay in registers."""
+    ever matmul operands, which LOWP casts to 16 bits anyway: store them in 16 bits then (half
+    the memory traffic), in float32 otherwise. G stays float32 and running states stay in registers."""
     return {_DOT_BF16: torch.bfloat16, _DOT_F16: torch.float16}.get(LOWP, torch.float32)
 
 

@@ -65,42 +65,34 @@ def _fwd_prep_kernel(
         Tinv_CC = _unit_lower_inverse(A_CC, C, LOG2C, LOWP)
         tl.store(T_ptrs, Tinv_CC.to(T_ptrs.dtype.element_ty), mask=T_mask)
 
-    if TINV_F32:
-        # U = (Tinv diag(beta)) v and W = (Tinv diag(beta Gam)) k: the diagonal goes on Tinv
-        # (float32 here and as saved), so v and k enter the products exactly as stored and each
-        # product rounds one operand to 16 bits, not two. U first: Tinv is dead after Tb, one
-        # [C, C] float32 tile fewer live.
-        Tb_CC = Tinv_CC * b_C[None, :]
-        for v0 in range(0, V, BV):
-            v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
-            U_CV = _dot(Tb_CC, v_CV, LOWP)
-            U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-            tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
-        Tw_CC = Tb_CC * tl.exp(G_C)[None, :]
-    else:
-        Tw_CC = Tinv_CC
-        bGam_C = b_C * tl.exp(G_C)
+    # U = Tinv diag(beta) v and W = Tinv diag(beta Gam) k. With TINV_F32 the diagonals go on Tinv
+    # (float32 here and as saved), so v and k enter the products exactly as stored and each
+    # product rounds one operand to 16 bits, not two; else they go on v and k (x 1 is exact).
+    # U first: with TINV_F32, Tb is dead after Tw, one [C, C] float32 tile fewer live.
+    ones_C = tl.full([C], 1.0, tl.float32)
+    Gam_C = tl.exp(G_C)
+    Tb_CC = Tinv_CC * b_C[None, :] if TINV_F32 else Tinv_CC
+    vs_C = ones_C if TINV_F32 else b_C
+    for v0 in range(0, V, BV):
+        v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
+        U_CV = _dot(Tb_CC, v_CV * vs_C[:, None], LOWP)
+        U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
+        tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
+    Tw_CC = Tb_CC * Gam_C[None, :] if TINV_F32 else Tinv_CC
+    ks_C = ones_C if TINV_F32 else b_C * Gam_C
     tail_C = tl.exp(_sum(tl.where(t_C == C - 1, G_C, 0.0), axis=0) - G_C)  # gam / Gam
     for k0 in range(0, K, BK):
         k_CK = _load_tok(k_ptr, tok0, n, h, k0, H, K, C, BK)
-        if TINV_F32:
-            w_CK = _dot(Tw_CC, k_CK, LOWP)
-        else:
-            w_CK = _dot(Tw_CC, k_CK * bGam_C[:, None], LOWP)
+        w_CK = _dot(Tw_CC, k_CK * ks_C[:, None], LOWP)
         w_ptrs, w_mask = _chunk_ptrs(W_ptr, c, h, k0, H, K, C, BK)
         tl.store(w_ptrs, w_CK.to(w_ptrs.dtype.element_ty), mask=w_mask)
         if STORE_Q:
+            # (_dot rounds W like its store above: Q is built from the W the passes use)
             for j0 in range(0, K, BK):
                 kdec_CK = _load_tok(k_ptr, tok0, n, h, j0, H, K, C, BK) * tail_C[:, None]
                 Q_KK = _dot(tl.trans(w_CK), kdec_CK, LOWP)
                 Q_ptrs, Q_mask = _state_ptrs(Q_ptr, c, h, k0, j0, H, K, K, BK, BK)
                 tl.store(Q_ptrs, Q_KK.to(Q_ptrs.dtype.element_ty), mask=Q_mask)
-    if not TINV_F32:
-        for v0 in range(0, V, BV):
-            v_CV = _load_tok(v_ptr, tok0, n, h, v0, H, V, C, BV)
-            U_CV = _dot(Tinv_CC, v_CV * b_C[:, None], LOWP)
-            U_ptrs, U_mask = _chunk_ptrs(U_ptr, c, h, v0, H, V, C, BV)
-            tl.store(U_ptrs, U_CV.to(U_ptrs.dtype.element_ty), mask=U_mask)
 
 
 # The state passes are a serial chain over chunks with little arithmetic per step, so they are
