@@ -251,6 +251,7 @@ class _Config:
     chain_q: int = 1  # the chain multiplies by Q = W^T kdec (built by the backward's prep), else
     # by W^T after kdec (two dependent products per step, no Q)
     dot16_bstate: int = 1  # _bwd_state_kernel's products in the 16-bit input dtype (else float32)
+    dot16_fstate: int = 1  # _fwd_state_kernel's products in the 16-bit input dtype (else float32)
     split_bchunk: int = 0  # bwd chunk work as three kernels, the middle one per K block
     w_bkb: int = 4  # _bwd_kblock_kernel (split_bchunk)
     bk_bkb: int = 32  # K block of _bwd_kblock_kernel (narrow: 154-174 registers at 4 warps, sm_90)
@@ -286,11 +287,14 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
     else:  # K > 128: [K, K] tiles of Q and [K, 64] state slices would not fit in registers
         cfg = _Config(
             KP=KP, BK=64, BV=min(VP, 64), bv_out=min(VP, 64), bv_fstate=16, bv_bstate=16,
-            w_out=8, pf_fstate=0, split_bwd=0, dot16_bstate=0,
+            w_fstate=8, w_out=8, pf_fstate=0, split_bwd=0, dot16_bstate=0, dot16_fstate=0,
         )  # fmt: skip
-        # dot16_bstate=0: with bf16 products the two-product reverse kernel at [256, 16] slices
-        # faults with an illegal address on the H200 (Triton 3.6; float32 products at the same
-        # tiles run clean and pass the reference checks, and the interpreter finds no bad index)
+        # dot16_bstate=0, dot16_fstate=0: with bf16 products the state passes at [256, 16]
+        # slices fault with an illegal address on the H200 (Triton 3.6): the reverse kernel
+        # (2026-11-29), and the forward one once its k^T operand came straight from a bf16 load
+        # (2026-12-03). float32 products at the same tiles run clean and pass the reference
+        # checks, and the interpreter finds no bad index: a code generation fault at these tiles.
+        # (8 warps: the float32 forward products spill 8.6 KB at 4, 1.5 KB at 8.)
     if LOWP == _DOT_F32:
         # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch or
         # pipelining (the float32 path is for checking, not speed; it spills at any setting)
@@ -387,8 +391,8 @@ def _fwd_states(k, G, W, u, h0, lay: _Layout, cfg: _Config, LOWP: int):
             k, G, W, u, h0 if h0 is not None else ht, states, ht,
             lay.seq_chunk0, lay.seq_nchunks, lay.seq_tok0, lay.seq_len,
             H=H, K=K, V=V, C=C, KP=cfg.KP, BV=bv, HAS_H0=h0 is not None,
-            PREFETCH=bool(cfg.pf_fstate), PIPE=cfg.pipe_fstate, LOWP=LOWP,
-            num_warps=cfg.w_fstate,
+            PREFETCH=bool(cfg.pf_fstate), PIPE=cfg.pipe_fstate,
+            LOWP=LOWP if cfg.dot16_fstate else _DOT_F32, num_warps=cfg.w_fstate,
         )  # fmt: skip
     return states, ht
 
