@@ -248,8 +248,11 @@ class _Config:
     pipe_fstate: int = 0  # > 0: software-pipelined chunk loop of that many stages instead
     pipe_bstate: int = 0  # the same for the reverse chain (_bwd_chain_kernel; compiled only)
     split_bwd: int = 1  # reverse pass = _bwd_rhs_kernel + _bwd_chain_kernel, else _bwd_state_kernel
-    chain_q: int = 1  # the chain multiplies by Q = W^T kdec (built by the backward's prep), else
-    # by W^T after kdec (two dependent products per step, no Q)
+    chain_q: int = 0  # 1: the chain multiplies by Q = W^T kdec (built by the backward's prep),
+    # else by W^T after kdec (two dependent products per step, no Q; faster on the H200 at both
+    # head shapes, 9.05 vs 9.21 ms fwd+bwd at 4 x 8192 Olmo, 9.13 vs 9.36 at 32 x 128/128, and
+    # 270-510 MiB less peak memory: writing and reading Q [K, K] per chunk costs more than the
+    # second product saves)
     dot16_bstate: int = 1  # _bwd_state_kernel's products in the 16-bit input dtype (else float32)
     dot16_fstate: int = 1  # _fwd_state_kernel's products in the 16-bit input dtype (else float32)
     split_bchunk: int = 0  # bwd chunk work as three kernels, the middle one per K block
@@ -286,15 +289,19 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
         cfg.pipe_bstate = 2
     else:  # K > 128: [K, K] tiles of Q and [K, 64] state slices would not fit in registers
         cfg = _Config(
-            KP=KP, BK=64, BV=min(VP, 64), bv_out=min(VP, 64), bv_fstate=16, bv_bstate=16,
-            w_fstate=8, w_out=8, pf_fstate=0, split_bwd=0, dot16_bstate=0, dot16_fstate=0,
+            KP=KP, BK=64, BV=min(VP, 64), bv_out=min(VP, 64), bv_fstate=16, bv_bstate=32,
+            w_fstate=8, w_out=8, pf_fstate=0, split_bchunk=1, dot16_bstate=0, dot16_fstate=0,
         )  # fmt: skip
-        # dot16_bstate=0, dot16_fstate=0: with bf16 products the state passes at [256, 16]
-        # slices fault with an illegal address on the H200 (Triton 3.6): the reverse kernel
-        # (2026-11-29), and the forward one once its k^T operand came straight from a bf16 load
-        # (2026-12-03). float32 products at the same tiles run clean and pass the reference
-        # checks, and the interpreter finds no bad index: a code generation fault at these tiles.
-        # (8 warps: the float32 forward products spill 8.6 KB at 4, 1.5 KB at 8.)
+        # The split reverse pass without Q, at 32-wide V slices, and the split bwd chunk kernels
+        # compile without spills at 192/256 (the two-product `_bwd_state_kernel` spills 10.5 KB
+        # there) and pass the H200 checks in bf16 and fp32 (2026-12-03).
+        # dot16_fstate=0 (dot16_bstate=0 for split_bwd=0): with bf16 products the state passes
+        # at [256, 16] slices fault with an illegal address on the H200 (Triton 3.6): the
+        # two-product reverse kernel (2026-11-29), and the forward one once its k^T operand came
+        # straight from a bf16 load (2026-12-03). float32 products at the same tiles run clean
+        # and pass the reference checks, and the interpreter finds no bad index: a code
+        # generation fault at these tiles. (8 warps: the float32 forward products spill 8.6 KB
+        # at 4, 1.5 KB at 8.)
     if LOWP == _DOT_F32:
         # exact float32 dots run on FMA units with large register tiles: 8 warps, no prefetch or
         # pipelining (the float32 path is for checking, not speed; it spills at any setting)

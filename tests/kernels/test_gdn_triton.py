@@ -137,15 +137,15 @@ def test_packed_matches_reference(lens):
 
 
 # kernel variants selected by GDN_TRITON_CFG (the defaults are the fastest on the H200): the split
-# reverse pass (default) at narrow V slices; the two-product reverse pass (split_bwd=0, what
-# K > 128 uses); the forward state pass with / without its register prefetch; the bwd chunk
+# reverse pass (default) at narrow V slices, and by Q (chain_q=1); the two-product reverse pass
+# (split_bwd=0); the forward state pass with / without its register prefetch; the bwd chunk
 # kernel split in three (split_bchunk, the default where K is not a multiple of the K block) and
 # the fused one; Tinv saved in the buffer dtype with the diagonals on k and v (tinv_f32=0); the
-# forward's W, u and states kept for the backward (save_fwd), with and without Q
+# forward's W, u and states kept for the backward (save_fwd), without and with Q
 VARIANTS = [
     "split_bwd=1,pf_fstate=0,bv_fstate=32",
     "split_bwd=1,bv_bstate=16,bv_rhs=16",
-    "split_bwd=1,chain_q=0",
+    "split_bwd=1,chain_q=1",
     "split_bwd=0,pf_fstate=0,bv_fstate=16,bv_bstate=32",
     "split_bwd=0,pf_fstate=1",
     "split_bchunk=1",
@@ -153,7 +153,7 @@ VARIANTS = [
     "split_bchunk=0",
     "tinv_f32=0",
     "save_fwd=1",
-    "save_fwd=1,chain_q=0",
+    "save_fwd=1,chain_q=1",
 ]
 
 
@@ -185,12 +185,12 @@ def test_saved_forward_gives_bitwise_the_recomputed_gradients(chain_q, monkeypat
         assert torch.equal(g0[n], g1[n]), n
 
 
-# K > 128: the default two-product reverse pass with [K, 16] state slices (see _config), and the
-# split kernels without Q (which compile without spills there, tools/kernel_resources.py)
-K_ABOVE_128 = ["", "split_bwd=1,chain_q=0,bv_bstate=32,split_bchunk=1"]
+# K > 128: the default (split kernels without Q, which compile without spills there,
+# tools/kernel_resources.py) and the two-product reverse pass with [K, 16] state slices
+K_ABOVE_128 = ["", "split_bwd=0,bv_bstate=16,split_bchunk=0"]
 
 
-@pytest.mark.parametrize("cfg", K_ABOVE_128, ids=["default", "split"])
+@pytest.mark.parametrize("cfg", K_ABOVE_128, ids=["default", "two_product"])
 def test_head_dim_above_128(cfg, monkeypatch):
     monkeypatch.setenv("GDN_TRITON_CFG", cfg)
     lens = [70, 9]
