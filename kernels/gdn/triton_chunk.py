@@ -404,9 +404,9 @@ def _fwd_states(k, G, W, u, h0, lay: _Layout, cfg: _Config, LOWP: int):
     return states, ht
 
 
-def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
-    """Returns (o, final_state, G, Tinv, (W, u, states) if save_fwd else None); G, Tinv and
-    those are kept for the backward."""
+def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int, save: bool = False):
+    """Returns (o, final_state, G, Tinv, (W, u, states) if save or save_fwd else None); G,
+    Tinv and those are kept for the backward."""
     T, H, K = q.shape
     V = v.shape[-1]
     cfg = _config(K, V, LOWP)
@@ -420,7 +420,7 @@ def _forward(q, k, v, g, beta, h0, scale, lay: _Layout, LOWP: int):
             num_warps=cfg.w_out,
             num_stages=cfg.stages,
         )  # fmt: skip
-    return o, ht, G, Tinv, ((W, u, states) if cfg.save_fwd else None)
+    return o, ht, G, Tinv, ((W, u, states) if save or cfg.save_fwd else None)
 
 
 def _backward(
@@ -556,10 +556,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     the recompute."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, lay, LOWP, L2):
+    def forward(ctx, q, k, v, g, beta, h0, scale, lay, LOWP, L2, SAVE):
         if L2:
             (q, rq), (k, rk) = _l2norm_fwd(q), _l2norm_fwd(k)
-        o, ht, G, Tinv, saved = _forward(q, k, v, g, beta, h0, scale, lay, LOWP)
+        o, ht, G, Tinv, saved = _forward(q, k, v, g, beta, h0, scale, lay, LOWP, SAVE)
         rstd = (rq, rk) if L2 else ()
         ctx.save_for_backward(q, k, v, g, beta, h0, G, Tinv, *rstd, *(saved or ()))
         ctx.scale, ctx.lay, ctx.LOWP, ctx.L2 = scale, lay, LOWP, L2
@@ -583,7 +583,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             dq = _l2norm_bwd(q, rstd[0], dq, q.dtype)
             dk = _l2norm_bwd(k, rstd[1], dk, k.dtype)
         dh0 = None if h0 is None else dh0.to(h0.dtype)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None, None, None
 
 
 def chunk_gated_delta_rule_triton(
@@ -597,24 +597,27 @@ def chunk_gated_delta_rule_triton(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    save_intermediates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule on our Triton kernels (inputs validated by :mod:`.api`).
 
     CUDA tensors run compiled kernels; CPU tensors run the same kernels in Triton's interpreter
-    (slow; for tests).
+    (slow; for tests). ``save_intermediates``: keep the forward's W, u and per-chunk states for
+    the backward instead of recomputing them (the ``save_fwd`` setting; same gradients bitwise).
 
     Returns ``(o [B, T, H, V] in q.dtype, final_state [N, H, K, V] float32 or None)``.
     """
     impl = _module_in_mode(sys.modules[__name__], interpret=not q.is_cuda)
     return impl._chunk_gated_delta_rule(
         q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-        use_qk_l2norm_in_kernel,
+        use_qk_l2norm_in_kernel, save_intermediates,
     )  # fmt: skip
 
 
 def _chunk_gated_delta_rule(
-    q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
-):
+    q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel,
+    save_intermediates=False,
+):  # fmt: skip
     B, T, H, K = q.shape
     V = v.shape[-1]
     if not (16 <= K <= 256 and 16 <= V <= 256):
@@ -638,5 +641,6 @@ def _chunk_gated_delta_rule(
         lay,
         _dot_mode(q.dtype),
         bool(use_qk_l2norm_in_kernel),
+        bool(save_intermediates),
     )
     return o.reshape(B, T, H, V), (ht if output_final_state else None)

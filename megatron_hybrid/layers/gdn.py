@@ -52,6 +52,7 @@ class GDNShape:
     allow_neg_eigval: bool = True
     norm_eps: float = 1e-5
     backend: str = "auto"
+    save_intermediates: bool = False
 
 
 class OlmoGatedDeltaNet(mcore.MegatronModule):
@@ -168,6 +169,7 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
                 (K, V),
                 packed_seq_params,
                 self.gdn.backend,
+                self.gdn.save_intermediates,
             )
         else:
             cu_seqlens = None
@@ -187,6 +189,7 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
                 cu_seqlens=cu_seqlens,
                 use_qk_l2norm_in_kernel=True,
                 backend=self.gdn.backend,
+                save_intermediates=self.gdn.save_intermediates,
             )
         return self.output(o_bshV, gate_bshV)
 

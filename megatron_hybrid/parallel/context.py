@@ -310,6 +310,7 @@ def gated_delta_rule_cp(
     scale: float,
     use_qk_l2norm_in_kernel: bool = True,
     backend: str = "auto",
+    save_intermediates: bool = False,
 ) -> torch.Tensor:
     """``chunk_gated_delta_rule`` over the whole packed row, for this rank's two chunks.
 
@@ -325,7 +326,12 @@ def gated_delta_rule_cp(
     V = v_1ThV.shape[-1]
     L, dev = params.chunk_length, q_1ThK.device
     segs = _chunk_segments(params)
-    kw = dict(scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, backend=backend)
+    kw = dict(
+        scale=scale,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        backend=backend,
+        save_intermediates=save_intermediates,
+    )
 
     # (1) zero initial state; both chunks packed as one row, a segment per document piece
     cu = segs[0][0] + [L + s for s in segs[1][0]] + [T]
@@ -401,6 +407,7 @@ def gdn_conv_and_recurrence_cp(
     head_dims: tuple[int, int],
     params: ContextParallelParams,
     backend: str = "auto",
+    save_intermediates: bool = False,
 ) -> torch.Tensor:
     """The GDN mixer's conv + recurrence under CP (what ``OlmoGatedDeltaNet`` runs at CP > 1).
 
@@ -416,5 +423,6 @@ def gdn_conv_and_recurrence_cp(
     qkv_1TC = causal_conv1d_cp(qkv_1TC, conv_weight_CW, params, activation="silu")
     q_1ThK, k_1ThK, v_1ThV = qkv_1TC.view(1, T, H, 2 * K + V).split([K, K, V], dim=-1)
     return gated_delta_rule_cp(
-        q_1ThK, k_1ThK, v_1ThV, g_1Th, beta_1Th, params, scale=K**-0.5, backend=backend
-    )
+        q_1ThK, k_1ThK, v_1ThV, g_1Th, beta_1Th, params, scale=K**-0.5, backend=backend,
+        save_intermediates=save_intermediates,
+    )  # fmt: skip

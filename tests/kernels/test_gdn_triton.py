@@ -179,10 +179,37 @@ def test_saved_forward_gives_bitwise_the_recomputed_gradients(chain_q, monkeypat
     for save in (0, 1):
         monkeypatch.setenv("GDN_TRITON_CFG", f"save_fwd={save},chain_q={chain_q}")
         runs.append(run_with_grads(chunk_gated_delta_rule_triton, inputs, torch.bfloat16, **kw))
-    (o0, s0, g0), (o1, s1, g1) = runs
-    assert torch.equal(o0, o1) and torch.equal(s0, s1)
-    for n in g0:
-        assert torch.equal(g0[n], g1[n]), n
+    # the API's save_intermediates=True (what the model's gdn_save_intermediates sets) is the
+    # same switch
+    monkeypatch.setenv("GDN_TRITON_CFG", f"chain_q={chain_q}")
+    kw.update(save_intermediates=True, backend="triton")
+    runs.append(run_with_grads(chunk_gated_delta_rule, inputs, torch.bfloat16, **kw))
+    (o0, s0, g0), *others = runs
+    # and it really keeps them: the autograd node holds W, u and the states, 3 tensors more
+    leaves = {n: x.detach().to(torch.bfloat16).requires_grad_(True) for n, x in inputs.items()}
+    held = []
+    for save in (False, True):
+        o, _ = chunk_gated_delta_rule(**leaves, **{**kw, "save_intermediates": save})
+        held.append(len(_autograd_node(o, "_ChunkGatedDeltaRuleBackward").saved_tensors))
+    assert held[1] == held[0] + 3, held
+    for o1, s1, g1 in others:
+        assert torch.equal(o0, o1) and torch.equal(s0, s1)
+        for n in g0:
+            assert torch.equal(g0[n], g1[n]), n
+
+
+def _autograd_node(t: torch.Tensor, name: str):
+    """The first node called ``name`` in t's autograd graph (breadth first)."""
+    todo, seen = [t.grad_fn], set()
+    while todo:
+        node = todo.pop(0)
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ == name:
+            return node
+        seen.add(node)
+        todo.extend(n for n, _ in node.next_functions)
+    raise AssertionError(f"no {name} in the autograd graph")
 
 
 # K > 128: the default (split kernels without Q, which compile without spills there,

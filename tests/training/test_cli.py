@@ -168,3 +168,12 @@ def test_dry_run_7b_reports_params_and_builds_nothing(capsys):
 def test_impossible_layouts_rejected_before_building(capsys, args, needle):
     assert main(["--preset", "tiny", "--mock-data", "--dry-run", *args]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_gdn_save_intermediates_reaches_the_mixer():
+    from megatron_hybrid.models.olmo_hybrid.specs import gdn_shape
+
+    run, _ = parse(["--preset", "tiny", "model.gdn_save_intermediates=true"])
+    assert gdn_shape(run.model).save_intermediates is True
+    run, _ = parse(["--preset", "tiny"])
+    assert gdn_shape(run.model).save_intermediates is False

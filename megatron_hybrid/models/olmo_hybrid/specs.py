@@ -61,6 +61,7 @@ def gdn_shape(cfg: OlmoHybridConfig) -> GDNShape:
         allow_neg_eigval=cfg.gdn_allow_neg_eigval,
         norm_eps=cfg.gdn_norm_eps,
         backend=cfg.gdn_backend,
+        save_intermediates=cfg.gdn_save_intermediates,
     )
 
 
