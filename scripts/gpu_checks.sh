@@ -95,7 +95,7 @@ if want ksweep; then
 echo "== 4b. GDN kernels: settings sweep"
 for shape in ${KSWEEP:-1 2}; do
   python3 benchmarks/gdn_kernels.py --no-fla --shapes "$shape" --out "$OUT/sweep$shape.json" \
-    --sweep "${SWEEP:-;tinv_f32=0;save_fwd=1;save_fwd=1,chain_q=0;pf_fstate=0,w_fstate=4,bv_fstate=32;w_fstate=4,bv_fstate=16;chain_q=0;w_bstate=4,bv_bstate=16}" \
+    --sweep "${SWEEP:-;chain_q=1;save_fwd=1;save_fwd=1,chain_q=1;tinv_f32=0;w_fstate=4,bv_fstate=16}" \
     2>&1 | grep "^\["
 done
 fi
