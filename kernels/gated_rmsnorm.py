@@ -251,12 +251,8 @@ class _GatedRMSNormFn(torch.autograd.Function):
         # a persistent grid of 4 programs per SM, each looping over its row blocks. (Measured
         # on the H200 at [983040, 192]: fwd+bwd 1.66 ms; a grid of many short programs with 4
         # unrolled blocks each, tried 2026-11-30, took 2.77.)
-        if _gpu_sizes(x2_RV):
-            sms = (
-                torch.cuda.get_device_properties(x2_RV.device).multi_processor_count
-                if x2_RV.is_cuda
-                else 132  # tools/kernel_resources.py on a CPU: an H200
-            )
+        if x2_RV.is_cuda and not triton.knobs.runtime.interpret:
+            sms = torch.cuda.get_device_properties(x2_RV.device).multi_processor_count
             G = min(NB, 4 * sms)
         else:
             G = min(NB, 3)
