@@ -22,13 +22,10 @@ def main(argv=None) -> int:
             os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
         )
         if args.dry_run:
+            from megatron_hybrid.training.preflight import preflight
             from megatron_hybrid.training.report import describe
 
-            if run.data.mock or run.data.data_path:
-                from megatron_hybrid.parallel.context import check_run_config
-
-                run.validate(world)
-                check_run_config(run, dry_run=True)
+            preflight(run, world)  # every check of the real run that needs no data
             if rank == 0:
                 print(describe(run, world, show_config=True))
             return 0

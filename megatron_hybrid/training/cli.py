@@ -28,6 +28,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--use-distributed-optimizer": ("parallel.distributed_optimizer", True),
     "--micro-batch-size": ("train.micro_batch_size", int),
     "--global-batch-size": ("train.global_batch_size", int),
+    "--rampup-batch-size": ("train.rampup_batch_size", "int3"),
     "--seq-length": ("data.seq_length", int),
     "--max-position-embeddings": ("model.max_position_embeddings", int),
     "--train-iters": ("train.train_iters", int),
@@ -174,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
         elif kind == "list":
             p.add_argument(flag, nargs="+", default=argparse.SUPPRESS)
+        elif kind == "int3":  # --rampup-batch-size START INCREMENT SAMPLES
+            p.add_argument(
+                flag,
+                nargs=3,
+                type=int,
+                metavar=("START", "INCREMENT", "SAMPLES"),
+                default=argparse.SUPPRESS,
+            )
         else:
             p.add_argument(flag, type=kind, default=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")

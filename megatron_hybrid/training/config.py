@@ -7,6 +7,8 @@ Built from a preset, an optional YAML file, Megatron-style flags (``--tensor-mod
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError, OlmoHybridConfig
@@ -15,13 +17,14 @@ from megatron_hybrid.models.olmo_hybrid.config import ConfigError, OlmoHybridCon
 @dataclass
 class ParallelConfig:
     tensor: int = 1
-    """Tensor-parallel size. Splits heads and MLP columns; must divide every head count."""
+    """Tensor-parallel size (>= 1). Splits heads and MLP columns; must divide every head count."""
     pipeline: int = 1
-    """Pipeline-parallel size. Splits the block pattern into consecutive stages."""
+    """Pipeline-parallel size (>= 1). Splits the block pattern into consecutive stages."""
     virtual_pipeline: int | None = None
-    """Virtual stages per pipeline rank (interleaved 1F1B); None = plain 1F1B."""
+    """Virtual stages per pipeline rank (>= 1, interleaved 1F1B); None = plain 1F1B."""
     context: int = 1
-    """Context-parallel size. Splits each sequence; GDN passes recurrent state between shards."""
+    """Context-parallel size (>= 1). Splits each sequence; GDN passes recurrent state between
+    shards."""
     sequence_parallel: bool = False
     """Shard norm/residual activations over TP ranks along the sequence (saves memory at TP>1)."""
     distributed_optimizer: bool = False
@@ -35,66 +38,81 @@ class DataConfig:
     mock: bool = False
     """Synthetic random tokens, no files (smoke runs, benchmarks)."""
     split: str = "99,1,0"
-    """train,valid,test weights over documents of each dataset."""
+    """train,valid,test weights over documents of each dataset (non-negative numbers, train > 0).
+    Every split the run reads must hold at least one document and seq_length + 1 tokens."""
     seq_length: int = 1024
-    """Tokens per training sequence."""
+    """Tokens per training sequence (>= 1)."""
     tokenizer_type: str | None = None
     """SentencePieceTokenizer | HuggingFaceTokenizer | None (mock data / explicit vocab)."""
     tokenizer_model: str | None = None
     """Path to the sentencepiece model or HF tokenizer directory/name."""
     vocab_size: int | None = None
-    """Model vocabulary; default = tokenizer size padded to ``make_vocab_size_divisible_by``."""
+    """Model vocabulary (>= 1); default = tokenizer size padded to
+    ``make_vocab_size_divisible_by``."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the tokenizer's vocabulary up to a multiple of this (times TP), as Megatron does."""
+    """Pad the tokenizer's vocabulary up to a multiple of this (>= 1, times TP), as Megatron
+    does."""
     document_masking: bool = True
     """Pass document boundaries to the model so GDN state, conv and attention do not cross
     documents packed into one sequence. False = Olmo's 'no intra-doc masking' variant."""
     cache_dir: str | None = None
     """Where megatron's dataset index caches go (default: next to the data)."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (>= 0)."""
 
 
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    """Peak learning rate."""
+    """Peak learning rate (> 0: an LR of 0 trains nothing and is taken for a typo; freeze
+    weights some other way)."""
     min_lr: float = 3e-5
-    """Final learning rate of the decay."""
+    """Final learning rate of the decay (0 <= min_lr <= lr, as megatron's scheduler asserts)."""
     warmup_iters: int = 0
-    """Linear warmup steps from 0 to ``lr``."""
+    """Linear warmup steps from 0 to ``lr`` (>= 0, fewer than decay_iters)."""
     decay_style: str = "cosine"
     """cosine | linear | WSD | constant."""
     decay_iters: int | None = None
-    """Steps over which the LR decays (default: train_iters)."""
+    """Steps over which the LR decays (>= 1; default: train_iters)."""
     wsd_decay_iters: int | None = None
-    """WSD: length of the final decay phase (default: 10% of decay_iters)."""
+    """WSD: length of the final decay phase (1..decay_iters; default: 10% of decay_iters)."""
     weight_decay: float = 0.1
-    """AdamW weight decay, not applied to embeddings, norms, A_log, dt_bias (see no_decay)."""
+    """AdamW weight decay (>= 0), not applied to embeddings, norms, A_log, dt_bias (see
+    no_decay)."""
     decay_embeddings: bool = False
     """Apply weight decay to the embedding too (Olmo: no)."""
     adam_beta1: float = 0.9
+    """Adam first-moment decay, in [0, 1)."""
     adam_beta2: float = 0.95
+    """Adam second-moment decay, in [0, 1)."""
     adam_eps: float = 1e-8
+    """Adam denominator epsilon (> 0)."""
     clip_grad: float = 1.0
-    """Global gradient-norm clip (0 = off)."""
+    """Global gradient-norm clip (>= 0; 0 = off)."""
     z_loss: float = 1e-5
-    """Coefficient of the z-loss (logsumexp^2 of the logits), stabilises the softmax."""
+    """Coefficient of the z-loss (>= 0; logsumexp^2 of the logits), stabilises the softmax."""
 
 
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 1
-    """Sequences per forward/backward on one rank."""
+    """Sequences per forward/backward on one rank (>= 1)."""
     global_batch_size: int = 8
-    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills in)."""
+    """Sequences per optimizer step over all data-parallel ranks (>= 1; gradient accumulation
+    fills in). With ``rampup_batch_size``, the size the ramp ends at."""
+    rampup_batch_size: list[int] | None = None
+    """[START, INCREMENT, SAMPLES] (Megatron's --rampup-batch-size): the global batch starts at
+    START and grows by INCREMENT in equal steps spread over the first SAMPLES consumed samples
+    until ``global_batch_size``. Every size on the way must be divisible by micro_batch_size x
+    data-parallel size. ``train_iters`` counts the ramp steps too; the LR schedule keeps its
+    iteration boundaries (warmup ends at step ``warmup_iters`` whatever the batch sizes)."""
     train_iters: int = 100
-    """Optimizer steps to run (total, across resumes)."""
+    """Optimizer steps to run (>= 1; total, across resumes)."""
     exit_interval: int | None = None
-    """Stop (after saving, if ``save`` is set) when the iteration is a multiple of this; the LR
-    schedule still spans ``train_iters`` (Megatron's --exit-interval)."""
+    """Stop (after saving, if ``save`` is set) when the iteration is a multiple of this (>= 1);
+    the LR schedule still spans ``train_iters`` (Megatron's --exit-interval)."""
     seed: int = 1234
-    """Seeds model init, data order and dropout."""
+    """Seeds model init, data order and dropout (0 <= seed < 2**32, numpy's range)."""
     deterministic: bool = False
     """Bitwise repeatable runs (deterministic torch algorithms, fixed reduction order)."""
     precision: str = "auto"
@@ -106,11 +124,12 @@ class TrainConfig:
     spec: str = "auto"
     """Layer-spec flavour: auto (te on GPU with Transformer Engine, else local) | te | local."""
     log_interval: int = 1
-    """Print the iteration line every N steps."""
+    """Print the iteration line every N steps (>= 1)."""
     eval_interval: int | None = None
-    """Evaluate on the validation split every N steps (None = never)."""
+    """Evaluate on the validation split every N steps (>= 1; None = never, and then no
+    validation split is built)."""
     eval_iters: int = 10
-    """Validation micro-batches... per data-parallel rank per evaluation."""
+    """Global batches (of ``global_batch_size``) per evaluation (>= 1)."""
     save: str | None = None
     """Checkpoint directory (``<save>/iter_0000100/``)."""
     load: str | None = None
@@ -124,15 +143,143 @@ class TrainConfig:
     but start the optimizer states (Adam moments) fresh, e.g. to switch the distributed
     optimizer on or off (Megatron's --no-load-optim)."""
     save_interval: int | None = None
-    """Save every N steps (and at the end when ``save`` is set)."""
+    """Save every N steps (>= 1; and at the end when ``save`` is set)."""
     ckpt_format: str = "torch_dist"
     """megatron-core dist checkpointing format (torch_dist)."""
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
     max_consecutive_nan: int = 5
-    """Stop the run after this many consecutive steps with NaN/inf loss or grad norm."""
+    """Stop the run after this many consecutive steps with NaN/inf loss or grad norm (>= 1)."""
     exit_on_signal: bool = True
     """On SIGTERM/SIGUSR1: save a checkpoint (if ``save``) and exit cleanly."""
+
+
+# Numeric fields and the range each accepts (the field docstrings say the same). Checked by
+# RunConfig.validate before anything is built, so a typo never reaches a division by zero, a
+# silent no-op run or an assert deep inside megatron.
+_AT_LEAST_1 = ">= 1"
+_AT_LEAST_0 = ">= 0"
+_POSITIVE = "> 0"
+_UNIT = "in [0, 1)"
+NUMERIC_RULES: dict[str, str] = {
+    "parallel.tensor": _AT_LEAST_1,
+    "parallel.pipeline": _AT_LEAST_1,
+    "parallel.virtual_pipeline": _AT_LEAST_1,
+    "parallel.context": _AT_LEAST_1,
+    "data.seq_length": _AT_LEAST_1,
+    "data.vocab_size": _AT_LEAST_1,
+    "data.make_vocab_size_divisible_by": _AT_LEAST_1,
+    "data.num_workers": _AT_LEAST_0,
+    "optim.lr": _POSITIVE,
+    "optim.min_lr": _AT_LEAST_0,
+    "optim.warmup_iters": _AT_LEAST_0,
+    "optim.decay_iters": _AT_LEAST_1,
+    "optim.wsd_decay_iters": _AT_LEAST_1,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.adam_beta1": _UNIT,
+    "optim.adam_beta2": _UNIT,
+    "optim.adam_eps": _POSITIVE,
+    "optim.clip_grad": _AT_LEAST_0,
+    "optim.z_loss": _AT_LEAST_0,
+    "train.micro_batch_size": _AT_LEAST_1,
+    "train.global_batch_size": _AT_LEAST_1,
+    "train.train_iters": _AT_LEAST_1,
+    "train.exit_interval": _AT_LEAST_1,
+    "train.seed": _AT_LEAST_0,
+    "train.log_interval": _AT_LEAST_1,
+    "train.eval_interval": _AT_LEAST_1,
+    "train.eval_iters": _AT_LEAST_1,
+    "train.save_interval": _AT_LEAST_1,
+    "train.max_consecutive_nan": _AT_LEAST_1,
+}
+
+
+def _in_range(value, rule: str) -> bool:
+    # written so that NaN fails every rule
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    if rule == _AT_LEAST_1:
+        return value >= 1
+    if rule == _AT_LEAST_0:
+        return value >= 0
+    if rule == _POSITIVE:
+        return value > 0
+    return 0 <= value < 1
+
+
+def field_label(dotted: str) -> str:
+    """``--micro-batch-size (train.micro_batch_size)``: the Megatron flag users typed, if any."""
+    from megatron_hybrid.training.cli import MEGATRON_FLAGS  # (cli imports this module)
+
+    flags = [f for f, (dest, kind) in MEGATRON_FLAGS.items() if dest == dotted and kind is not True]
+    return f"{flags[0]} ({dotted})" if flags else dotted
+
+
+def _bad(dotted: str, value, need: str) -> ConfigError:
+    return ConfigError(f"{field_label(dotted)}={value!r}: must be {need}")
+
+
+def check_numbers(run) -> None:
+    """Every numeric field in its range (``NUMERIC_RULES``), then the relations between them."""
+    for dotted, rule in NUMERIC_RULES.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(run, section), name)
+        if value is None:
+            continue  # optional fields: None means the documented default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _bad(dotted, value, "a number")
+        if not _in_range(value, rule):
+            raise _bad(dotted, value, rule)
+    o, t = run.optim, run.train
+    if t.seed >= 2**32:
+        raise _bad("train.seed", t.seed, "< 2**32 (numpy's seed range)")
+    if o.min_lr > o.lr:
+        raise _bad("optim.min_lr", o.min_lr, f"<= --lr ({o.lr})")
+    decay_iters = o.decay_iters or t.train_iters
+    if o.warmup_iters >= decay_iters:
+        raise _bad(
+            "optim.warmup_iters",
+            o.warmup_iters,
+            f"< the decay length {decay_iters} (--lr-decay-iters, default --train-iters)",
+        )
+    if o.wsd_decay_iters is not None and o.wsd_decay_iters > decay_iters:
+        raise _bad("optim.wsd_decay_iters", o.wsd_decay_iters, f"<= the decay length {decay_iters}")
+    check_split(run.data.split)
+
+
+def check_split(split: str) -> list[float]:
+    """``99,1,0`` (or ``99/1/0``) -> weights; up to three non-negative numbers with a positive
+    train weight (megatron's parser would skip what it cannot read and divide by a zero sum)."""
+    parts = [x.strip() for x in re.split(r"[,/]", str(split))]
+    if not 1 <= len(parts) <= 3 or not all(re.fullmatch(r"\d+(\.\d*)?|\.\d+", x) for x in parts):
+        raise _bad("data.split", split, "up to three comma-separated non-negative numbers")
+    weights = [float(x) for x in parts]
+    if weights[0] <= 0:
+        raise _bad("data.split", split, "a positive train weight (the first number)")
+    return weights + [0.0] * (3 - len(weights))
+
+
+def check_rampup(rampup, global_batch: int, micro_batch: int, dp: int) -> None:
+    """Megatron's --rampup-batch-size rules, with every batch size on the ramp divisible by
+    micro-batch x DP (checked here rather than at the step where it appears)."""
+    flag = field_label("train.rampup_batch_size")
+    if len(rampup) != 3 or any(isinstance(x, bool) or not isinstance(x, int) for x in rampup):
+        raise ConfigError(f"{flag}={rampup!r}: give three integers START INCREMENT SAMPLES")
+    start, inc, samples = rampup
+    if start < 1 or inc < 1 or samples < 0:
+        raise ConfigError(f"{flag}={rampup!r}: START and INCREMENT must be >= 1 and SAMPLES >= 0")
+    if start > global_batch or (global_batch - start) % inc:
+        raise ConfigError(
+            f"{flag}={rampup!r}: --global-batch-size {global_batch} minus START {start} must be "
+            f"a non-negative multiple of INCREMENT {inc}"
+        )
+    unit = micro_batch * dp
+    bad = [b for b in range(start, global_batch + 1, inc) if b % unit]
+    if bad:
+        raise ConfigError(
+            f"{flag}={rampup!r}: batch sizes {bad[:5]} on the ramp are not divisible by "
+            f"micro_batch_size {micro_batch} x data-parallel size {dp} = {unit}"
+        )
 
 
 @dataclass
@@ -152,8 +299,10 @@ class RunConfig:
         d["model"] = self.model.to_dict()
         return d
 
-    def validate(self, world_size: int) -> None:
-        """Reject impossible setups before anything is built, naming the numbers."""
+    def validate(self, world_size: int, require_data: bool = True) -> None:
+        """Reject impossible setups before anything is built, naming the numbers.
+        ``require_data=False``: everything but the presence of training data (--dry-run)."""
+        check_numbers(self)
         p, t = self.parallel, self.train
         model_ranks = p.tensor * p.pipeline * p.context
         if world_size % model_ranks:
@@ -167,6 +316,8 @@ class RunConfig:
                 f"global_batch_size={t.global_batch_size} is not divisible by micro_batch_size="
                 f"{t.micro_batch_size} x data-parallel size {dp}"
             )
+        if t.rampup_batch_size is not None:
+            check_rampup(t.rampup_batch_size, t.global_batch_size, t.micro_batch_size, dp)
         if p.sequence_parallel and p.tensor == 1:
             raise ConfigError("sequence_parallel needs tensor parallel size > 1")
         self.model.check_parallel(p.tensor)
@@ -183,7 +334,7 @@ class RunConfig:
             )
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision={t.precision!r}: use auto, bf16 or fp32")
-        if not self.data.mock and not self.data.data_path:
+        if require_data and not self.data.mock and not self.data.data_path:
             raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
 
     def data_parallel_size(self, world_size: int) -> int:

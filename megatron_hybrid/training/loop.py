@@ -109,7 +109,6 @@ class Trainer:
         c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.forward_backward = mcore.get_forward_backward_func()
         t = run.train
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.iteration, self.consumed = 0, 0
         self.skipped = self.nan_total = self.nan_consecutive = 0
@@ -139,14 +138,21 @@ class Trainer:
                         f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
                         f"{self.iteration} (consumed samples {self.consumed})"
                     )
+        self.num_microbatches = self._current_batch()[1]  # of the first step (banner)
         eval_steps = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
+        # sized by what the rest of the run reads from the consumed count on (a resume with
+        # another batch size or a ramp reads exactly that many more samples)
+        train_samples = batches.samples_after_steps(
+            t.train_iters - self.iteration, t.global_batch_size, t.rampup_batch_size, self.consumed
+        )
         self.train_ds, self.valid_ds = batches.build_datasets(
             run.data,
             t.seed,
-            t.train_iters * t.global_batch_size,
+            train_samples,
             max(eval_steps, 1) * t.eval_iters * t.global_batch_size,
             vocab,
             self.eod,
+            with_valid=bool(t.eval_interval),
         )
         self.flops = flops_per_token(run.model, run.data.seq_length)
         self.peak = device_peak_tflops()
@@ -178,10 +184,16 @@ class Trainer:
         self.stop_signal = signum
 
     # ---- one step ----------------------------------------------------------------------------
-    def _microbatches(self, dataset, step: int):
+    def _current_batch(self) -> tuple[int, int]:
+        """(global batch size, micro-batches per DP rank) of the next step (--rampup-batch-size)."""
+        t = self.run.train
+        gbs = batches.global_batch_size_at(self.consumed, t.global_batch_size, t.rampup_batch_size)
+        return gbs, gbs // (t.micro_batch_size * self.dp_size)
+
+    def _microbatches(self, dataset, consumed: int, global_batch: int):
         t = self.run.train
         idx = batches.global_batch_indices(
-            step, t.global_batch_size, self.dp_rank, self.dp_size, t.micro_batch_size
+            consumed, global_batch, self.dp_rank, self.dp_size, t.micro_batch_size
         )
         return [
             batches.collate([dataset[i] for i in mb], self.eod, self.run.data.document_masking)
@@ -273,7 +285,16 @@ class Trainer:
         for m in self.chunks:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mbs = self._microbatches(self.train_ds, self.iteration)
+        gbs, self.num_microbatches = self._current_batch()
+        mbs = self._microbatches(self.train_ds, self.consumed, gbs)
+        if os.environ.get("MEGATRON_HYBRID_TRACE_SAMPLES"):  # test hook: which samples a step reads
+            mine = batches.global_batch_indices(
+                self.consumed, gbs, self.dp_rank, self.dp_size, self.run.train.micro_batch_size
+            )
+            self.log(
+                f"samples of iteration {self.iteration + 1} on DP rank {self.dp_rank}: "
+                f"{','.join(str(i) for mb in mine for i in mb)}"
+            )
         store = self._run_schedule(mbs, forward_only=False)
         sums = self._reduce_report(store)
         loss_finite = math.isfinite(sums[0].item()) and math.isfinite(sums[1].item())
@@ -284,8 +305,8 @@ class Trainer:
                 ok = False
         else:
             ok, grad_norm = False, float("nan")
-        self.scheduler.step(increment=self.run.train.global_batch_size)
-        return sums, ok, grad_norm
+        self.scheduler.step(increment=gbs)  # the schedule counts samples
+        return sums, ok, grad_norm, gbs
 
     def evaluate(self):
         t = self.run.train
@@ -294,7 +315,9 @@ class Trainer:
         total = torch.zeros(3, dtype=torch.float64)
         with torch.no_grad():
             for step in range(t.eval_iters):
-                store = self._run_schedule(self._microbatches(self.valid_ds, step), True)
+                # eval always reads the same validation samples: step s = [sG, (s+1)G)
+                gbs = t.global_batch_size
+                store = self._run_schedule(self._microbatches(self.valid_ds, step * gbs, gbs), True)
                 total += self._reduce_report(store)
         for m in self.chunks:
             m.train()
@@ -305,15 +328,14 @@ class Trainer:
         run, t = self.run, self.run.train
         if self.rank == 0:
             self.log(banner(self))
-        tokens_per_step = t.global_batch_size * run.data.seq_length
         last_log = time.time()
         for m in self.chunks:
             m.train()
         while self.iteration < t.train_iters:
             lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-            sums, ok, grad_norm = self.train_step()
+            sums, ok, grad_norm, gbs = self.train_step()
             self.iteration += 1
-            self.consumed += t.global_batch_size
+            self.consumed += gbs
             if ok:
                 self.nan_consecutive = 0
             else:
@@ -325,7 +347,7 @@ class Trainer:
                 now = time.time()
                 dt = (now - last_log) / t.log_interval
                 last_log = now
-                tok_s_gpu = tokens_per_step / dt / self.world
+                tok_s_gpu = gbs * run.data.seq_length / dt / self.world
                 tflops = self.flops["total"] * tok_s_gpu / 1e12
                 mfu = 100.0 * tflops / self.peak if self.peak else None
                 line = iteration_line(
@@ -335,7 +357,7 @@ class Trainer:
                     elapsed_ms=dt * 1000.0,
                     tflops=tflops,
                     lr=lr,
-                    global_batch=t.global_batch_size,
+                    global_batch=gbs,
                     losses={
                         "lm loss": lm_loss,
                         "z loss": sums[1].item() / max(sums[2].item(), 1.0),

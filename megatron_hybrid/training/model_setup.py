@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_hybrid import mcore
+from megatron_hybrid.data.batches import samples_after_steps
 from megatron_hybrid.models.olmo_hybrid.model import build_model, default_flavour
 
 
@@ -114,23 +115,29 @@ def build_optimizer(run, tcfg, chunks):
         mcore.fix_torch_adam_distributed_optimizer()  # upstream bugs without apex/TE
     optimizer = mcore.get_megatron_optimizer(ocfg, chunks, config_overrides=overrides)
     t = run.train
-    # megatron's scheduler counts samples (it is stepped by the global batch size each step).
-    gbs = t.global_batch_size
     decay_iters = o.decay_iters or t.train_iters
     style = {"wsd": "WSD"}.get(o.decay_style.lower(), o.decay_style.lower())
+    wsd_iters = o.wsd_decay_iters or max(1, decay_iters // 10)
+
+    # megatron's scheduler counts samples (it is stepped by the step's global batch size): its
+    # boundaries are the samples consumed by those iterations, so with --rampup-batch-size
+    # warmup and decay still end at the iterations the flags name.
+    def samples(iters: int) -> int:
+        return samples_after_steps(iters, t.global_batch_size, t.rampup_batch_size)
+
     scheduler = mcore.OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=o.lr,
         min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_iters * gbs,
-        lr_decay_steps=decay_iters * gbs,
+        lr_warmup_steps=samples(o.warmup_iters),
+        lr_decay_steps=samples(decay_iters),
         lr_decay_style=style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
-        wd_incr_steps=decay_iters * gbs,
+        wd_incr_steps=samples(decay_iters),
         wd_incr_style="constant",
-        wsd_decay_steps=(o.wsd_decay_iters or max(1, decay_iters // 10)) * gbs
+        wsd_decay_steps=samples(decay_iters) - samples(decay_iters - wsd_iters)
         if style == "WSD"
         else None,
         lr_wsd_decay_style="linear" if style == "WSD" else None,
