@@ -32,6 +32,7 @@ from megatron_hybrid.kernels.conv import causal_conv1d
 from megatron_hybrid.kernels.gated_rmsnorm import gated_rmsnorm
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
 from megatron_hybrid.parallel import context
+from megatron_hybrid.parallel.gdn_cp import gdn_conv_and_recurrence_cp
 
 
 @dataclass
@@ -161,7 +162,7 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         qkv_bsC, gate_bshV, g_bsh, beta_bsh = self.project(hidden_states)
         if context.is_context_parallel(packed_seq_params):
             # this rank's two zigzag chunks of the row; conv halo + GDN state passed over CP
-            o_bshV = context.gdn_conv_and_recurrence_cp(
+            o_bshV = gdn_conv_and_recurrence_cp(
                 qkv_bsC,
                 self.conv_weight,
                 g_bsh,
