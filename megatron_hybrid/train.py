@@ -21,6 +21,11 @@ def main(argv=None) -> int:
         world = args.world_size or int(
             os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
         )
+        if rank == 0:
+            from megatron_hybrid.training.config import config_warnings
+
+            for warning in config_warnings(run):
+                print(warning, file=sys.stderr, flush=True)
         if args.dry_run:
             from megatron_hybrid.training.preflight import preflight
             from megatron_hybrid.training.report import describe

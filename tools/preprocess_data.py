@@ -38,9 +38,12 @@ def main(argv=None) -> int:
             a.strict,
             progress=not a.no_progress,
         )
-    except (CorpusError, FileNotFoundError, ValueError) as e:
+    except (CorpusError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # preprocess() has removed its partial outputs
+        print("error: interrupted; no output written", file=sys.stderr)
+        return 130
     print(summary.report())
     return 0
 

@@ -140,15 +140,57 @@ def preprocess(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(out_dir):
         raise CorpusError(f"--output-prefix: directory {out_dir} does not exist")
-    builders, paths = {}, {}
-    for key in json_keys:
-        base = f"{output_prefix}_{key}_document"
-        paths[key] = base
-        builders[key] = mcore.IndexedDatasetBuilder(base + ".bin.tmp", dtype=dtype)
+    paths = {key: f"{output_prefix}_{key}_document" for key in json_keys}
+    builders: dict = {}
+    try:
+        for key, base in paths.items():
+            builders[key] = mcore.IndexedDatasetBuilder(base + ".bin.tmp", dtype=dtype)
+        init = (tokenizer_type, tokenizer_model, list(json_keys), append_eod)
+        summary = _tokenize_into(builders, files, total_bytes, init, workers, strict, progress)
+        if summary.documents == 0:
+            raise CorpusError(_nothing_valid(summary, json_keys))
+        for key, builder in builders.items():
+            builder.finalize(paths[key] + ".idx.tmp")
+        for base in paths.values():  # only complete outputs get the real names
+            os.replace(base + ".bin.tmp", base + ".bin")
+            os.replace(base + ".idx.tmp", base + ".idx")
+            summary.outputs.append(base)
+    except BaseException:
+        # any failure, Ctrl-C included: no half-written <prefix>.bin.tmp is left behind
+        _remove_partial(builders, paths)
+        raise
+    return summary
 
+
+def _nothing_valid(summary: PreprocessSummary, json_keys) -> str:
+    """Why no line made a document: each problem with its count and first lines, so a
+    --json-keys typo reads 'missing key 'body': 300 of 300 lines'."""
+    lines = summary.documents + sum(summary.skipped.values())
+    if not lines:
+        return "the input has no lines; nothing written"
+    reasons = "; ".join(
+        f"{kind}: {n} of {lines} lines (e.g. {', '.join(summary.examples[kind][:2])})"
+        for kind, n in sorted(summary.skipped.items(), key=lambda kv: -kv[1])
+    )
+    return f"no valid documents for --json-keys {' '.join(json_keys)}; nothing written: {reasons}"
+
+
+def _remove_partial(builders: dict, paths: dict) -> None:
+    for key, base in paths.items():
+        builder = builders.get(key)
+        if builder is not None and not builder.data_file.closed:
+            builder.data_file.close()
+        for path in (base + ".bin.tmp", base + ".idx.tmp"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _tokenize_into(builders, files, total_bytes, init, workers, strict, progress):
+    """Tokenize every line of ``files`` into the builders (skips counted in the summary);
+    ``init`` = the workers' (tokenizer type, model, json keys, append_eod)."""
+    dtype = next(iter(builders.values())).dtype
     summary = PreprocessSummary()
     start = time.time()
-    init = (tokenizer_type, tokenizer_model, list(json_keys), append_eod)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -161,12 +203,12 @@ def preprocess(
             file=sys.stderr,
             mininterval=0.5,
         )
+    pool = None
     try:
         if workers > 1:
             pool = mp.get_context("fork").Pool(workers, _init_worker, init)
             results = pool.imap(_encode_line, _lines(files), chunksize=64)
         else:
-            pool = None
             _init_worker(*init)
             results = map(_encode_line, _lines(files))
         for where, docs, problem, nbytes in results:
@@ -191,15 +233,11 @@ def preprocess(
         if pool is not None:
             pool.close()
             pool.join()
+            pool = None
     finally:
+        if pool is not None:  # failed mid-way: do not leave workers tokenizing
+            pool.terminate()
         if bar is not None:
             bar.close()
-    if summary.documents == 0:
-        raise CorpusError("no valid documents in the input; nothing written")
-    for key, builder in builders.items():
-        base = paths[key]
-        builder.finalize(base + ".idx")
-        os.replace(base + ".bin.tmp", base + ".bin")  # only complete outputs get the real name
-        summary.outputs.append(base)
     summary.seconds = time.time() - start
     return summary

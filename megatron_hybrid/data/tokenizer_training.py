@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 
@@ -20,6 +21,8 @@ def train_sentencepiece(
 
     from megatron_hybrid.data.preprocess import expand_inputs
 
+    if vocab_size < 1:
+        raise ValueError(f"--vocab-size {vocab_size}: must be >= 1")
     files = expand_inputs(inputs)
     with tempfile.TemporaryDirectory() as tmp:
         text_path = os.path.join(tmp, "corpus.txt")
@@ -39,10 +42,11 @@ def train_sentencepiece(
                                     n += 1
         if n == 0:
             raise ValueError(f"no text under key {json_key!r} in {inputs}")
-        spm.SentencePieceTrainer.train(
+        _train(
+            spm,
+            vocab_size,
             input=text_path,
             model_prefix=model_prefix,
-            vocab_size=vocab_size,
             model_type="bpe",
             character_coverage=character_coverage,
             byte_fallback=True,
@@ -60,3 +64,26 @@ def train_sentencepiece(
             minloglevel=2,
         )
     return model_prefix + ".model"
+
+
+def _train(spm, vocab_size: int, **kwargs) -> None:
+    """sentencepiece's trainer, its vocabulary-size failures turned into ValueErrors that say
+    what size would work (it raises a RuntimeError quoting its C++ source otherwise)."""
+    try:
+        spm.SentencePieceTrainer.train(vocab_size=vocab_size, **kwargs)
+    except RuntimeError as e:
+        msg = str(e)
+        small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", msg)
+        if small:
+            raise ValueError(
+                f"--vocab-size {vocab_size} is too small: this corpus needs at least "
+                f"{small.group(1)} pieces (4 special ids, 256 byte-fallback pieces and every "
+                "character of the corpus)"
+            ) from None
+        large = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", msg)
+        if large:
+            raise ValueError(
+                f"--vocab-size {vocab_size} is too large for this corpus: sentencepiece can "
+                f"learn at most {large.group(2)} pieces from it (use a smaller size or more text)"
+            ) from None
+        raise ValueError(f"sentencepiece training failed: {msg.splitlines()[-1]}") from None

@@ -115,6 +115,9 @@ def main(argv=None) -> int:
         prompts = [(text, session.encode(text)) for text in args.prompt]
         prompts += [(None, _parse_ids(t, session.vocab_size)) for t in args.prompt_ids]
         for text, ids in prompts:
+            warning = session.length_warning(len(ids), args.max_new_tokens)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
             session.generate_and_print(
                 ids, text, args.max_new_tokens, args.sampling, stop_at_eos=not args.ignore_eos
             )

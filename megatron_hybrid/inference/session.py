@@ -66,8 +66,10 @@ def _tokenizer_from(run: dict, tok_type: str | None, tok_model: str | None):
 
 
 class GenerationSession:
-    def __init__(self, model, cfg, tokenizer, where: str):
+    def __init__(self, model, cfg, tokenizer, where: str, trained_seq_length: int | None = None):
         self.model, self.cfg, self.tokenizer, self.where = model, cfg, tokenizer, where
+        self.trained_seq_length = trained_seq_length
+        """The checkpoint's training sequence length (run_config.json), if it records one."""
         self.decoder = HybridDecoder(model)
         self.device = next(model.parameters()).device
         self.vocab_size = cfg.vocab_size
@@ -106,7 +108,7 @@ class GenerationSession:
         except cv.ConversionError as e:
             raise GenerateError(str(e)) from None
         where = f"{path} ({'cuda' if cuda else 'cpu'}, {str(torch_dtype).replace('torch.', '')})"
-        return cls(model, cfg, tokenizer, where)
+        return cls(model, cfg, tokenizer, where, (run.get("data") or {}).get("seq_length"))
 
     # ---- text ------------------------------------------------------------------------------
 
@@ -124,6 +126,24 @@ class GenerationSession:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else None
 
     # ---- generation ------------------------------------------------------------------------
+
+    def length_warning(self, prompt_tokens: int, max_new_tokens: int) -> str | None:
+        """A warning when prompt + new tokens run past what the model was built or trained for.
+        Decoding stays exact there (RoPE tables are computed for any position, GDN state has no
+        length), but the model never saw such positions/contexts: quality is not to be trusted."""
+        total = prompt_tokens + max_new_tokens
+        limits = []
+        if self.cfg.rope_theta is not None and total > self.cfg.max_position_embeddings:
+            limits.append(f"max_position_embeddings {self.cfg.max_position_embeddings}")
+        if self.trained_seq_length and total > self.trained_seq_length:
+            limits.append(f"the trained sequence length {self.trained_seq_length}")
+        if not limits:
+            return None
+        return (
+            f"warning: prompt of {prompt_tokens} tokens + up to {max_new_tokens} new tokens = "
+            f"{total} positions, beyond {' and '.join(limits)}: the model was not trained on "
+            "such lengths, expect degraded output"
+        )
 
     def generate(
         self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig, stop_at_eos=True

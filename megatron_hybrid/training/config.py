@@ -64,8 +64,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    """Peak learning rate (> 0: an LR of 0 trains nothing and is taken for a typo; freeze
-    weights some other way)."""
+    """Peak learning rate (>= 0). 0 is accepted for deliberate check runs (a step that must
+    leave the weights unchanged) but warned about at startup: it trains nothing."""
     min_lr: float = 3e-5
     """Final learning rate of the decay (0 <= min_lr <= lr, as megatron's scheduler asserts)."""
     warmup_iters: int = 0
@@ -133,7 +133,9 @@ class TrainConfig:
     save: str | None = None
     """Checkpoint directory (``<save>/iter_0000100/``)."""
     load: str | None = None
-    """Resume from this directory's latest checkpoint (if any)."""
+    """Resume from this directory's latest checkpoint, or from an ``iter_N`` directory itself.
+    No checkpoint there is an error, except when ``load`` = ``save`` (first run of a requeued
+    job: starts fresh and says so)."""
     finetune: bool = False
     """With ``load``: take only the weights; iteration, optimizer states, LR schedule and data
     position start fresh (e.g. a long-context stage from the pretrained model; Megatron's
@@ -170,7 +172,7 @@ NUMERIC_RULES: dict[str, str] = {
     "data.vocab_size": _AT_LEAST_1,
     "data.make_vocab_size_divisible_by": _AT_LEAST_1,
     "data.num_workers": _AT_LEAST_0,
-    "optim.lr": _POSITIVE,
+    "optim.lr": _AT_LEAST_0,
     "optim.min_lr": _AT_LEAST_0,
     "optim.warmup_iters": _AT_LEAST_0,
     "optim.decay_iters": _AT_LEAST_1,
@@ -220,7 +222,7 @@ def _bad(dotted: str, value, need: str) -> ConfigError:
 
 
 def check_numbers(run) -> None:
-    """Every numeric field in its range (``NUMERIC_RULES``), then the relations between them."""
+    """Every numeric field in its range (``NUMERIC_RULES``)."""
     for dotted, rule in NUMERIC_RULES.items():
         section, name = dotted.split(".")
         value = getattr(getattr(run, section), name)
@@ -230,9 +232,16 @@ def check_numbers(run) -> None:
             raise _bad(dotted, value, "a number")
         if not _in_range(value, rule):
             raise _bad(dotted, value, rule)
+    if run.train.seed >= 2**32:
+        raise _bad("train.seed", run.train.seed, "< 2**32 (numpy's seed range)")
+    check_split(run.data.split)
+
+
+def check_schedule(run) -> None:
+    """The LR schedule's relations megatron's OptimizerParamScheduler asserts on, as errors.
+    Called where the schedule is built (and by --dry-run), after the layout checks, so a bad
+    layout is named first."""
     o, t = run.optim, run.train
-    if t.seed >= 2**32:
-        raise _bad("train.seed", t.seed, "< 2**32 (numpy's seed range)")
     if o.min_lr > o.lr:
         raise _bad("optim.min_lr", o.min_lr, f"<= --lr ({o.lr})")
     decay_iters = o.decay_iters or t.train_iters
@@ -244,7 +253,14 @@ def check_numbers(run) -> None:
         )
     if o.wsd_decay_iters is not None and o.wsd_decay_iters > decay_iters:
         raise _bad("optim.wsd_decay_iters", o.wsd_decay_iters, f"<= the decay length {decay_iters}")
-    check_split(run.data.split)
+
+
+def config_warnings(run) -> list[str]:
+    """Legal but almost certainly unintended settings, printed as ``warning:`` lines."""
+    out = []
+    if run.optim.lr == 0:
+        out.append("warning: --lr 0: the optimizer will not change the weights")
+    return out
 
 
 def check_split(split: str) -> list[float]:
@@ -325,6 +341,13 @@ class RunConfig:
             raise ConfigError(
                 f"seq_length={self.data.seq_length} is not divisible by TP={p.tensor} "
                 "(needed by sequence parallelism)"
+            )
+        m = self.model
+        if m.rope_theta is not None and self.data.seq_length > m.max_position_embeddings:
+            raise ConfigError(
+                f"--seq-length {self.data.seq_length} exceeds --max-position-embeddings "
+                f"{m.max_position_embeddings} (model.max_position_embeddings, the positions this "
+                "RoPE model is built for): raise it or train shorter sequences"
             )
         if t.fp8_format or t.fp8_recipe:
             raise ConfigError("fp8_format/fp8_recipe: FP8 training is not supported yet")

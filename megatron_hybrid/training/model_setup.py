@@ -7,6 +7,7 @@ import torch
 from megatron_hybrid import mcore
 from megatron_hybrid.data.batches import samples_after_steps
 from megatron_hybrid.models.olmo_hybrid.model import build_model, default_flavour
+from megatron_hybrid.training.config import check_schedule
 
 
 def params_dtype(run) -> torch.dtype:
@@ -93,6 +94,7 @@ def _no_decay(run):
 
 
 def build_optimizer(run, tcfg, chunks):
+    check_schedule(run)  # megatron's scheduler would assert on these
     o = run.optim
     ocfg = mcore.OptimizerConfig(
         optimizer="adam",

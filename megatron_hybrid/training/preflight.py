@@ -4,6 +4,7 @@ a dry run accepts exactly the layouts and options the real run accepts (data asi
 from __future__ import annotations
 
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError
+from megatron_hybrid.training.config import check_schedule
 
 
 def preflight(run, world_size: int) -> None:
@@ -16,6 +17,7 @@ def preflight(run, world_size: int) -> None:
 
     run.validate(world_size, require_data=False)
     check_run_config(run, dry_run=True)
+    check_schedule(run)
     _, vocab, _ = resolve_vocab(run, run.parallel.tensor)
     if vocab != run.model.vocab_size:
         run.model = run.model.replace(vocab_size=vocab)
