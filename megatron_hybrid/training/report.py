@@ -31,6 +31,11 @@ def describe(
         f"batch: global {t.global_batch_size} x seq {run.data.seq_length} = "
         f"{t.global_batch_size * run.data.seq_length:,} tokens/step | micro-batch "
         f"{t.micro_batch_size} | micro-batches per step per DP rank {nmb}"
+        + (
+            " | rampup from {} by {} over {:,} samples".format(*t.rampup_batch_size)
+            if t.rampup_batch_size
+            else ""
+        )
     )
     lines.append(
         f"model: {run.preset} | pattern {m.layer_pattern()} | vocab {m.vocab_size} | "
