@@ -22,6 +22,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import (  # noqa: F
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig  # noqa: F401
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder  # noqa: F401
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async as _fs_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue  # noqa: F401
 from megatron.core.distributed import (  # noqa: F401
     DistributedDataParallel,
@@ -135,3 +136,24 @@ def fix_torch_adam_distributed_optimizer() -> None:
     cls._set_main_param_and_optimizer_states = set_states
     cls.load_state_dict = load_state_dict
     _TORCH_ADAM_FIXED = True
+
+
+def start_write_results_queue(initializer, initargs=()) -> None:
+    """Create the results queue of megatron's checkpoint writer (what ``get_write_results_queue``
+    would lazily create at the first save) through a Manager process started with
+    ``initializer(*initargs)``, so the caller controls how that helper process lives and dies.
+    No-op if the queue exists. Touches the module global ``_results_queue`` of
+    ``dist_checkpointing.strategies.filesystem_async`` (megatron-core 0.19)."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    global _write_results_manager
+    if _fs_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=initializer, initargs=initargs)
+    _write_results_manager = manager  # the queue's server lives as long as this object
+    _fs_async._results_queue = manager.Queue()
+
+
+_write_results_manager = None

@@ -21,9 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python <args>`` (``torchrun --nproc-per-node nproc`` when nproc > 1) from the repo root."""
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run_python(
+    args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` (``torchrun --nproc-per-node nproc`` when nproc > 1) from the repo
+    root; ``env`` adds variables to the environment."""
+    base = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = {**base, **(env or {})}
     if nproc > 1:
         cmd = [
             sys.executable,

@@ -25,6 +25,7 @@ from megatron_hybrid.parallel import context as cpctx
 from megatron_hybrid.parallel import state as pstate
 from megatron_hybrid.training import checkpoint as ckpt
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
+from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
 from megatron_hybrid.training.loss import cross_entropy_with_z_loss
 from megatron_hybrid.training.metrics import Sinks, iteration_line
 from megatron_hybrid.training.model_setup import (
@@ -165,20 +166,15 @@ class Trainer:
         """SIGTERM/SIGUSR1 -> save at the next step boundary and exit (Slurm time limits,
         preemption, requeue). Installed first thing, so a signal during setup is not lost.
 
-        megatron's checkpoint writer keeps a helper process (a multiprocessing Manager, spawned
-        at the first save) that would die from the same SIGTERM and break the very save the
-        signal asks for. It is started here with both signals ignored — ignored dispositions
-        survive exec, so the helper keeps ignoring them."""
+        megatron's checkpoint writer keeps a helper process (a multiprocessing Manager) that
+        would die from the same SIGTERM and break the very save the signal asks for. It is
+        started here, ignoring both signals and dying with this rank whatever ends the rank
+        (training/helper_processes.py), also when signals are left alone."""
+        mcore.start_write_results_queue(checkpoint_writer_helper_init, (os.getpid(),))
         if not self.run.train.exit_on_signal:
             return
-        sigs = (signal.SIGTERM, signal.SIGUSR1)
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
-        try:
-            mcore.get_write_results_queue()
-        finally:
-            for sig in sigs:
-                signal.signal(sig, self._on_signal)
-        del previous
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, _frame):
         self.stop_signal = signum
