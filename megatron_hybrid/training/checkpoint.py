@@ -13,18 +13,29 @@ A save writes ``iter_XXXXXXX.tmp`` first and renames it when every rank has fini
 file is replaced atomically last. A crash at any point leaves the previous checkpoint and the
 tracker pointing at it intact. Weights are sharded tensors keyed by global layer number, so a
 checkpoint loads at another TP/PP layout (megatron reshards on load).
+
+Nothing silent on load: ``--load`` must name a checkpoint (or be the ``--save`` directory of a
+first run), every file is checked against the ``checksums.sha256`` manifest written at save time,
+the saved model architecture must equal the run's, every tensor must match (none missing, none
+extra, same shapes) and the loaded weights must be finite. Every failure is a ``CheckpointError``
+naming the directory or file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_hybrid import mcore
 
@@ -32,13 +43,75 @@ TRACKER = "latest_checkpointed_iteration.txt"
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+MANIFEST = "checksums.sha256"
+_ITER_DIR = re.compile(r"iter_(\d{7})")
+
+# The fields of the model section that decide which tensors exist and their shapes (plus the
+# beta range, which gives the same weights another meaning): a saved run's must equal the new
+# run's. rope_theta / max_position_embeddings / eps / init change legitimately between stages.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "block_types",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "gdn_num_heads",
+    "gdn_head_k_dim",
+    "gdn_head_v_dim",
+    "gdn_conv_kernel",
+    "gdn_allow_neg_eigval",
+    "tie_word_embeddings",
+)
+
+
 class CheckpointError(RuntimeError):
     pass
 
 
-def _crash_in_save() -> set[int]:
-    from megatron_hybrid.training.loop import _fault_iterations
+class DamagedCheckpoint(CheckpointError):
+    """Files that cannot be read or hold non-finite weights (not a mismatch of configurations)."""
 
+
+def _one_line(e: BaseException) -> str:
+    """A failure as ``Type: first line``. torch's CheckpointException puts every rank's traceback
+    into str(): report the first rank's original exception instead."""
+    if isinstance(e, CheckpointException) and e.failures:
+        inner = next(iter(e.failures.values()))
+        return _one_line(inner[0] if isinstance(inner, tuple) else inner)
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Any failure of megatron/torch while reading ``path`` -> one CheckpointError naming it.
+    torch's CheckpointException derives from BaseException, so ``except Exception`` misses it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise DamagedCheckpoint(
+            f"cannot load checkpoint {path} (corrupt, truncated or incomplete files?): "
+            f"{_one_line(e)}"
+        ) from None
+
+
+def _warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 (the set is the memory)
+    if message not in _seen and (not dist.is_initialized() or dist.get_rank() == 0):
+        _seen.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _fault_iterations(kind: str) -> set[int]:
+    from megatron_hybrid.training import loop
+
+    return loop._fault_iterations(kind)
+
+
+def _crash_in_save() -> set[int]:
     return _fault_iterations("crash_in_save")
 
 
@@ -55,6 +128,262 @@ def latest_iteration(root: str) -> int | None:
         return int(text)
     except ValueError:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def resolve_load(load: str, save: str | None = None) -> str | None:
+    """The ``iter_N`` directory ``--load`` names, or None for a first run of the requeue pattern
+    (``--load X --save X`` with nothing in X yet). Anything else without a checkpoint is an error:
+    starting from random weights when the user asked to resume is never what they meant.
+
+    ``--load .../iter_0000010`` (an iteration directory itself) loads exactly that iteration."""
+    if os.path.isfile(load):
+        raise CheckpointError(f"--load {load} is a file, not a checkpoint directory")
+    if _ITER_DIR.fullmatch(os.path.basename(os.path.normpath(load))):
+        if not os.path.isfile(os.path.join(load, "metadata.json")):
+            raise CheckpointError(f"--load {load}: not a complete checkpoint (no metadata.json)")
+        return load
+    if os.path.basename(os.path.normpath(load)).endswith(".tmp"):
+        raise CheckpointError(f"--load {load} is an unfinished save; load its parent directory")
+    first_run = save is not None and os.path.abspath(save) == os.path.abspath(load)
+    if not os.path.isdir(load):
+        if first_run:
+            return None
+        raise CheckpointError(f"--load {load}: no such directory")
+    iteration = latest_iteration(load)
+    if iteration is not None:
+        path = iteration_dir(load, iteration)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} does not exist (tracker says iteration {iteration})")
+        return path
+    # A crash between the rename and the tracker leaves a complete iter_N without a tracker:
+    # never start over on top of it, name it.
+    done = sorted(d for d in os.listdir(load) if _ITER_DIR.fullmatch(d))
+    if done:
+        raise CheckpointError(
+            f"--load {load} has no {TRACKER} but holds {done[-1]}: give --load "
+            f"{os.path.join(load, done[-1])} to resume from it"
+        )
+    if first_run:
+        return None
+    raise CheckpointError(f"--load {load} holds no checkpoint (no {TRACKER})")
+
+
+def iteration_of(path: str) -> int:
+    m = _ITER_DIR.fullmatch(os.path.basename(os.path.normpath(path)))
+    if m is None:
+        raise CheckpointError(f"{path}: not an iter_NNNNNNN checkpoint directory")
+    return int(m.group(1))
+
+
+# ---- checksums --------------------------------------------------------------------------------
+# sha256 (hashlib, OpenSSL): ~1.5 GB/s per core with SHA-NI, within 2x of zlib.crc32, no false
+# "OK" on any corruption, and the manifest is sha256sum's format (`sha256sum -c checksums.sha256`
+# in the directory checks it by hand). Hashing is spread over the ranks, one file each in turn.
+
+
+def _sha256(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _hash_files(directory: str, names: list[str]) -> dict[str, str | None]:
+    """name -> sha256 (None if unreadable); each rank hashes every world-th file (collective when
+    torch.distributed is initialised: all ranks must call it with the same names)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {n: _sha256(os.path.join(directory, n)) for n in names}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {n: _sha256(os.path.join(directory, n)) for n in names[rank::world]}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _checkpoint_files(directory: str) -> list[str]:
+    """Every file of a checkpoint directory, as all ranks see it (rank 0 lists)."""
+    names = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        names = [sorted(n for n in os.listdir(directory) if n != MANIFEST)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(names, src=0)
+    return names[0]
+
+
+def _write_manifest(directory: str, sums: dict[str, str | None]) -> None:
+    lines = "".join(f"{sums[n]}  {n}\n" for n in sorted(sums))
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        f.write(lines)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_manifest(path: str) -> dict[str, str]:
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            digest, _, name = line.rstrip("\n").partition("  ")
+            if len(digest) != 64 or not name:
+                raise CheckpointError(f"{path}: line {n} is not '<sha256>  <file>'")
+            out[name] = digest
+    return out
+
+
+def verify_checksums(path: str) -> None:
+    """Every file listed in ``path``'s manifest must exist with its recorded sha256. Checkpoints
+    saved before manifests existed load with one warning. Collective under torch.distributed."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        _warn_once(f"{path} has no {MANIFEST} (saved without checksums): files not verified")
+        return
+    with reading(manifest):
+        expected = _read_manifest(manifest)
+    got = _hash_files(path, sorted(expected))
+    missing = [n for n in sorted(expected) if got[n] is None]
+    if missing:
+        raise CheckpointError(f"{path}: missing or unreadable checkpoint files: {missing}")
+    bad = [n for n in sorted(expected) if got[n] != expected[n]]
+    if bad:
+        raise CheckpointError(
+            f"{path}: checksum mismatch in {', '.join(os.path.join(path, n) for n in bad)} "
+            f"(corrupt or changed since the save; {MANIFEST} records the saved sha256)"
+        )
+
+
+# ---- the saved model must be the run's --------------------------------------------------------
+
+
+def _normalised(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_architecture(path: str, model_cfg) -> None:
+    """Compare the checkpoint's saved model architecture with the run's before reading any
+    tensor, naming every differing field (megatron would otherwise load a prefix of the layers)."""
+    f = os.path.join(path, "run_config.json")
+    if not os.path.isfile(f):
+        return  # checkpoints of other tools: the strict tensor check still applies
+    with reading(f), open(f) as fh:
+        saved = json.load(fh).get("model") or {}
+    now = _normalised(model_cfg.to_dict())
+    diff = [
+        f"{k} {saved[k]} -> {now.get(k)}"
+        for k in ARCHITECTURE_FIELDS
+        if k in saved and _normalised(saved[k]) != now.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"{path} holds another model architecture than this run's (saved -> now): "
+            f"{'; '.join(diff)}"
+        )
+
+
+def _strict_load(path: str, sd: dict, requested_prefixes: tuple[str, ...]) -> dict:
+    """``dist_checkpointing.load`` that names every tensor missing from the checkpoint and every
+    checkpoint tensor the model has no place for (megatron's default drops the latter silently).
+    ``requested_prefixes``: the checkpoint key prefixes this load reads deliberately (a
+    weights-only load leaves the optimizer's keys alone); TE's ``_extra_state`` is never needed."""
+    _check_complete(path)
+    _raise_on_any_rank(path, _shape_mismatches(path, sd), "tensors of another shape (saved -> now)")
+    with reading(path):
+        state, missing, unexpected = mcore.dist_checkpointing.load(
+            sharded_state_dict=sd,
+            checkpoint_dir=path,
+            strict=mcore.dist_checkpointing.validation.StrictHandling.RETURN_ALL,
+        )
+    # "unexpected" (requested, not in the checkpoint) differs per rank: every rank must see the
+    # same verdict, or the clean ones go on to the next collective and hang.
+    parts = [set(unexpected)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, set(unexpected))
+    absent = sorted(set().union(*parts))
+    extra = sorted(
+        k
+        for k in missing
+        if not k.endswith("_extra_state")
+        and (not k.startswith(("optimizer.", "rng_state")) or k.startswith(requested_prefixes))
+    )
+    if absent or extra:
+        why = []
+        if absent:
+            why.append(f"{len(absent)} tensors of this model are not in it: {_few(absent)}")
+        if extra:
+            why.append(f"{len(extra)} of its tensors have no place in this model: {_few(extra)}")
+        raise CheckpointError(f"{path} does not match the model: {'; '.join(why)}")
+    return state
+
+
+def _check_complete(path: str) -> None:
+    """torch reports a missing index file as ``AssertionError: metadata is None``: name it."""
+    for name in (".metadata", "metadata.json"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise DamagedCheckpoint(
+                f"{os.path.join(path, name)} is missing (incomplete checkpoint)"
+            )
+
+
+def _shape_mismatches(path: str, sd: dict) -> list[str]:
+    """Model tensors whose global shape differs from the saved one, checked before any tensor is
+    read (megatron would fail inside the read, per rank, with less to go on)."""
+    with reading(path):
+        meta = mcore.dist_checkpointing.load_tensors_metadata(path)
+    dc = mcore.dist_checkpointing
+    out = []
+    for name, part in sd.items():
+        if not name.startswith("model"):
+            continue
+        for t in dc.dict_utils.nested_values(part):
+            if isinstance(t, dc.mapping.ShardedTensor) and t.key in meta:
+                saved, now = tuple(meta[t.key].global_shape), tuple(t.global_shape)
+                if saved != now:
+                    out.append(f"{t.key} {list(saved)} -> {list(now)}")
+    return out
+
+
+def _raise_on_any_rank(path: str, problems: list[str], what: str) -> None:
+    """Raise on every rank when any rank found ``problems`` (a rank that went on alone would hang
+    in the next collective)."""
+    parts = [problems]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, problems)
+    found = sorted(set().union(*map(set, parts)))
+    if found:
+        raise CheckpointError(f"{path}: {len(found)} {what}: {_few(found)}")
+
+
+def _natural(key: str) -> list:
+    """decoder.layers.9 before decoder.layers.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _few(keys: list[str], n: int = 8) -> str:
+    keys = sorted(keys, key=_natural)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_finite(path: str, chunks) -> None:
+    """NaN/inf in the loaded weights (a corrupt file read without checksums, or a diverged run's
+    save): stop here, naming the parameters, rather than train on them. One pass over the local
+    parameters and one small all-gather."""
+    bad = [
+        name
+        for c in chunks
+        for name, p in unwrap(c).named_parameters()
+        if not bool(torch.isfinite(p.detach()).all())
+    ]
+    parts = [bad]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, bad)
+    names = sorted(set().union(*map(set, parts)))
+    if names:
+        raise DamagedCheckpoint(f"{path}: NaN/inf in the loaded weights of {_few(names)}")
 
 
 def unwrap(module):
@@ -141,11 +470,16 @@ def _prepare(root: str, iteration: int) -> tuple[str, str]:
 
 
 def _publish(root: str, iteration: int, tmp: str, final: str, run_dict: dict) -> str:
-    """After every rank wrote its shards into ``tmp``: config, rename, then the tracker —
-    atomically, in that order, so a crash at any point leaves the previous checkpoint current."""
+    """After every rank wrote its shards into ``tmp``: config, checksums, rename, then the
+    tracker — atomically, in that order, so a crash at any point leaves the previous checkpoint
+    current (and a published checkpoint always has its manifest)."""
+    sums = _hash_files(tmp, _checkpoint_files(tmp))  # all ranks share the reading
     if dist.get_rank() == 0:
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
+        config = os.path.join(tmp, "run_config.json")
+        with open(config, "w") as f:
             json.dump(run_dict, f, indent=2, default=str)
+        sums["run_config.json"] = _sha256(config)
+        _write_manifest(tmp, sums)
         if os.path.exists(final):  # re-saving the same iteration: keep the old one until now
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -164,6 +498,10 @@ def save_checkpoint(
 ) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     final, tmp = _prepare(root, iteration)
+    if iteration in _fault_iterations("nan_in_save"):
+        # Test hook: NaN weights in the saved model (what the trainer must refuse to load).
+        with torch.no_grad():
+            next(unwrap(chunks[0]).parameters()).fill_(float("nan"))
     model_sd = _model_sharded_state_dict(chunks)
     sd = dict(model_sd)
     sd["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_META)
@@ -205,17 +543,15 @@ def save_weights_only(
 
 def load_model_only(path: str, chunks) -> None:
     """Load just the model weights of the checkpoint in ``path`` (an ``iter_N`` directory, full or
-    weights-only, saved at any layout) into ``chunks``. Transformer Engine's per-module
-    ``_extra_state`` (FP8 metadata) is neither read nor required."""
+    weights-only, saved at any layout) into ``chunks``, strictly: every model tensor must be in
+    the checkpoint with its shape, and every model tensor of the checkpoint must have a place.
+    Transformer Engine's per-module ``_extra_state`` (FP8 metadata) is neither read nor required."""
     model_sd = _model_sharded_state_dict(chunks)
     sd = {
         name: {k: v for k, v in part.items() if not k.endswith("_extra_state")}
         for name, part in model_sd.items()
     }
-    try:
-        state = mcore.dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
-    except Exception as e:
-        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
+    state = _strict_load(path, sd, requested_prefixes=())
     for name, c in zip(sd, chunks, strict=True):
         missing, unexpected = unwrap(c).load_state_dict(state[name], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -234,23 +570,11 @@ def _refresh_main_params(optimizer) -> None:
         optimizer.reload_model_params()
 
 
-def _load_weights_only(path: str, chunks, optimizer, common: dict, iteration: int) -> dict:
-    """Weights-only checkpoint: optimizer state, LR schedule and RNG stay as built (fresh)."""
+def load_weights_only(path: str, chunks, optimizer) -> None:
+    """The model weights of checkpoint ``path`` (full or weights-only, any layout) and nothing
+    else: optimizer state, LR schedule and RNG stay as built (fresh)."""
     load_model_only(path, chunks)
     _refresh_main_params(optimizer)
-    return dict(common["train_state"], iteration=iteration)
-
-
-def load_weights_only(root: str, chunks, optimizer) -> str | None:
-    """``--finetune``: the model weights of ``root``'s latest checkpoint (full or weights-only,
-    any layout) and nothing else. Returns the directory read, or None when there is none."""
-    iteration = latest_iteration(root)
-    if iteration is None:
-        return None
-    path = iteration_dir(root, iteration)
-    load_model_only(path, chunks)
-    _refresh_main_params(optimizer)
-    return path
 
 
 def _check_optimizer_kind(path: str, optimizer) -> None:
@@ -272,52 +596,102 @@ def _check_optimizer_kind(path: str, optimizer) -> None:
         )
 
 
-def load_checkpoint(
-    root: str,
-    chunks,
-    optimizer,
-    scheduler,
-    iteration: int | None = None,
-    load_optimizer: bool = True,
-) -> dict | None:
-    """Restore in place; returns the saved train_state, or None when ``root`` has no checkpoint."""
-    if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
-            return None
-    path = iteration_dir(root, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} does not exist (tracker says iteration {iteration})")
-    common = mcore.dist_checkpointing.load_common_state_dict(path)
+def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: bool = True) -> dict:
+    """Restore the ``iter_N`` checkpoint ``path`` in place; returns its train_state (with
+    ``iteration``). A weights-only checkpoint restores only the weights."""
+    iteration = iteration_of(path)
+    _check_complete(path)
+    with reading(path):
+        common = mcore.dist_checkpointing.load_common_state_dict(path)
     if common.get("train_state", {}).get("weights_only"):
-        return _load_weights_only(path, chunks, optimizer, common, iteration)
+        load_weights_only(path, chunks, optimizer)
+        return dict(common["train_state"], iteration=iteration)
     rank, world = dist.get_rank(), dist.get_world_size()
     model_sd = _model_sharded_state_dict(chunks)
     sd = dict(model_sd)
+    prefixes = ()
     if load_optimizer and optimizer is not None:
         _check_optimizer_kind(path, optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIM_META
         )
+        prefixes = ("optimizer.",)
     same_layout = common.get("world_size") == world
     if same_layout:
         sd["rng_state"] = _rng_object(world, rank)
-    try:
-        state = mcore.dist_checkpointing.load(sharded_state_dict=sd, checkpoint_dir=path)
-    except Exception as e:
-        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {str(e)[:500]}") from e
-    if len(chunks) == 1:
-        unwrap(chunks[0]).load_state_dict(state["model"])
-    else:
-        for i, c in enumerate(chunks):
-            unwrap(c).load_state_dict(state[f"model{i}"])
-    if load_optimizer and optimizer is not None:
-        _align_param_groups(state["optimizer"], optimizer)
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        _refresh_main_params(optimizer)
-    if scheduler is not None:
-        scheduler.load_state_dict(common["scheduler"])
-    if same_layout:
-        _set_rng_state(state["rng_state"])
+    state = _strict_load(path, sd, requested_prefixes=prefixes)
+    with reading(path):
+        if len(chunks) == 1:
+            unwrap(chunks[0]).load_state_dict(state["model"])
+        else:
+            for i, c in enumerate(chunks):
+                unwrap(c).load_state_dict(state[f"model{i}"])
+        if load_optimizer and optimizer is not None:
+            _align_param_groups(state["optimizer"], optimizer)
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            _refresh_main_params(optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(common["scheduler"])
+        if same_layout:
+            _set_rng_state(state["rng_state"])
     return dict(common["train_state"], iteration=iteration)
+
+
+def check_save_target(save: str | None) -> None:
+    """``--save`` must be (or become) a directory: found at setup, not after the first interval."""
+    if not save:
+        return
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise CheckpointError(f"--save {save} exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(save))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--save {save}: cannot create it under {parent}")
+
+
+def load_for_training(run, chunks, optimizer, scheduler, log) -> dict | None:
+    """``--load`` for the trainer: find the checkpoint, verify its files, compare architectures,
+    then load strictly (``--finetune``: the weights only) and check the weights are finite.
+    Returns the train_state to resume, or None when training starts at iteration 0. ``log``
+    prints on one rank."""
+    t = run.train
+    try:
+        path = resolve_load(t.load, None if t.finetune else t.save)
+    except CheckpointError as e:
+        if t.finetune:
+            raise CheckpointError(f"--finetune: no checkpoint in --load {t.load}: {e}") from None
+        raise
+    if path is None:
+        log(f"--load {t.load}: no checkpoint yet (first run with --load = --save): starting fresh")
+        return None
+    if os.path.normpath(path) == os.path.normpath(t.load):
+        log(f"--load names the iteration directory {path}: loading exactly that iteration")
+    if t.verify_checkpoint_checksums:
+        verify_checksums(path)
+    check_architecture(path, run.model)
+    try:
+        if t.finetune:
+            load_weights_only(path, chunks, optimizer)
+        else:
+            st = load_checkpoint(path, chunks, optimizer, scheduler, not t.no_load_optim)
+        check_finite(path, chunks)
+    except DamagedCheckpoint as e:
+        if t.verify_checkpoint_checksums or not os.path.isfile(os.path.join(path, MANIFEST)):
+            raise
+        raise CheckpointError(
+            f"{e} [checksums were skipped: run without --no-verify-checkpoint-checksums to find "
+            "a damaged file]"
+        ) from None
+    if t.finetune:
+        log(
+            f"loaded the weights of {path} (--finetune: iteration, optimizer, LR "
+            "schedule and data position start fresh)"
+        )
+        return None
+    log(
+        f"resumed from {path} at iteration {st['iteration']} "
+        f"(consumed samples {st['consumed_samples']})"
+    )
+    return st

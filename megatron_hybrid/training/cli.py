@@ -64,6 +64,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--finetune": ("train.finetune", True),
     "--save-interval": ("train.save_interval", int),
     "--ckpt-format": ("train.ckpt_format", str),
+    "--no-verify-checkpoint-checksums": ("train.verify_checkpoint_checksums", False),
     "--log-interval": ("train.log_interval", int),
     "--eval-interval": ("train.eval_interval", int),
     "--eval-iters": ("train.eval_iters", int),

@@ -148,6 +148,10 @@ class TrainConfig:
     """Save every N steps (>= 1; and at the end when ``save`` is set)."""
     ckpt_format: str = "torch_dist"
     """megatron-core dist checkpointing format (torch_dist)."""
+    verify_checkpoint_checksums: bool = True
+    """With ``load``: check every file of the checkpoint against the sha256 manifest written at
+    save time (``checksums.sha256``) before reading it; False skips that read of the whole
+    checkpoint for very large ones (the manifest is still written on save)."""
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
     max_consecutive_nan: int = 5

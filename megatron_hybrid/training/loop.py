@@ -81,6 +81,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         run.validate(world)
         cpctx.check_run_config(run)
+        ckpt.check_save_target(run.train.save)  # not after the first interval
         tok, vocab, self.eod = resolve_vocab(run, p.tensor)
         self.tokenizer = tok
         if vocab != run.model.vocab_size:
@@ -113,32 +114,14 @@ class Trainer:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.iteration, self.consumed = 0, 0
         self.skipped = self.nan_total = self.nan_consecutive = 0
-        if t.load and t.finetune:
-            read = ckpt.load_weights_only(t.load, self.chunks, self.optimizer)
-            if read is None:
-                raise ckpt.CheckpointError(f"--finetune: no checkpoint in --load {t.load}")
-            if self.rank == 0:
-                self.log(
-                    f"loaded the weights of {read} (--finetune: iteration, optimizer, LR "
-                    "schedule and data position start fresh)"
-                )
-        elif t.load:
-            st = ckpt.load_checkpoint(
-                t.load,
-                self.chunks,
-                self.optimizer,
-                self.scheduler,
-                load_optimizer=not t.no_load_optim,
-            )
-            if st is not None:
-                self.iteration = st["iteration"]
-                self.consumed = st["consumed_samples"]
-                self.skipped, self.nan_total = st.get("skipped", 0), st.get("nan_iterations", 0)
-                if self.rank == 0:
-                    self.log(
-                        f"resumed from {ckpt.iteration_dir(t.load, self.iteration)} at iteration "
-                        f"{self.iteration} (consumed samples {self.consumed})"
-                    )
+        st = None
+        if t.load:
+            log = self.log if self.rank == 0 else (lambda _s: None)
+            st = ckpt.load_for_training(run, self.chunks, self.optimizer, self.scheduler, log)
+        if st is not None:
+            self.iteration = st["iteration"]
+            self.consumed = st["consumed_samples"]
+            self.skipped, self.nan_total = st.get("skipped", 0), st.get("nan_iterations", 0)
         self.num_microbatches = self._current_batch()[1]  # of the first step (banner)
         eval_steps = (t.train_iters // t.eval_interval + 1) if t.eval_interval else 0
         # sized by what the rest of the run reads from the consumed count on (a resume with

@@ -37,9 +37,24 @@ def model_config_from_run_dict(run_dict: dict, where: str = "run_config.json") -
         raise ConversionError(f"{where}: model section does not fit this version: {e}") from None
 
 
-def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, int | None]:
+def resolve_checkpoint(
+    load: str, iteration: int | None = None, verify: bool = True
+) -> tuple[str, int | None]:
     """``(iter_N directory, N)`` for ``--load`` (a save root with its tracker, or an ``iter_N``
-    directory itself) and an optional ``--iteration``."""
+    directory itself) and an optional ``--iteration``; with ``verify``, every file of it checked
+    against the checksums recorded at save time (corrupt weights are an error naming the file)."""
+    from megatron_hybrid.training import checkpoint as ckpt
+
+    path, iteration = _find_checkpoint(load, iteration)
+    if verify:
+        try:
+            ckpt.verify_checksums(path)
+        except ckpt.CheckpointError as e:
+            raise ConversionError(str(e)) from None
+    return path, iteration
+
+
+def _find_checkpoint(load: str, iteration: int | None) -> tuple[str, int | None]:
     from megatron_hybrid.training import checkpoint as ckpt
 
     if not os.path.isdir(load):
@@ -73,8 +88,13 @@ def read_run_config(path: str) -> dict:
 def checkpoint_weight_dtype(path: str) -> torch.dtype:
     """dtype the checkpoint stores the model weights in (bf16 for a bf16 run, else fp32)."""
     from megatron_hybrid import mcore
+    from megatron_hybrid.training import checkpoint as ckpt
 
-    meta = mcore.dist_checkpointing.load_tensors_metadata(path)
+    try:
+        with ckpt.reading(path):
+            meta = mcore.dist_checkpointing.load_tensors_metadata(path)
+    except ckpt.CheckpointError as e:
+        raise ConversionError(str(e)) from None
     emb = meta.get("embedding.word_embeddings.weight")
     if emb is None:
         raise ConversionError(f"{path}: no tensor 'embedding.word_embeddings.weight' in checkpoint")
