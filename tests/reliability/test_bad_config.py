@@ -51,6 +51,12 @@ def _dry_run(capsys, *flags: str) -> tuple[int, str]:
         (["--split", "0,1,0"], "must be a positive train weight"),
         (["train.max_consecutive_nan=0"], "train.max_consecutive_nan=0: must be >= 1"),
         (["data.num_workers=-1"], "data.num_workers=-1: must be >= 0"),
+        (["model.num_attention_heads=0"], "model.num_attention_heads=0: must be an integer >= 1"),
+        (["model.hidden_size=0"], "model.hidden_size=0: must be an integer >= 1"),
+        (["model.num_layers=0"], "model.num_layers=0: must be an integer >= 1"),
+        (["model.init_std=-1"], "model.init_std=-1.0: must be > 0"),
+        (["model.rope_theta=-5"], "model.rope_theta=-5.0: must be > 0"),
+        (["--seq-length", "8192"], "--seq-length 8192 exceeds --max-position-embeddings 4096"),
     ],
 )
 def test_bad_numbers_name_field_and_value(capsys, flags, message):

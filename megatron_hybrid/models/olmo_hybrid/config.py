@@ -130,6 +130,7 @@ class OlmoHybridConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        self._check_numbers()
         need(
             len(self.block_types) == self.num_layers,
             f"block_types has {len(self.block_types)} entries but num_layers={self.num_layers}",
@@ -154,6 +155,39 @@ class OlmoHybridConfig:
         need(
             not self.tie_word_embeddings, "tie_word_embeddings=True is not supported (Olmo unties)"
         )
+
+    # sizes that must be >= 1, and floats that must be > 0 (the checks below divide by them)
+    _SIZES = (
+        "vocab_size", "hidden_size", "num_layers", "intermediate_size", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "gdn_num_heads", "gdn_head_k_dim",
+        "gdn_head_v_dim",
+    )  # fmt: skip
+    _POSITIVE = ("norm_eps", "init_std", "gdn_norm_eps", "gdn_dt_init_floor")
+
+    def _check_numbers(self) -> None:
+        """Every size >= 1 and every epsilon/std > 0, named with its value (model.FIELD)."""
+        for name in self._SIZES:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"model.{name}={v!r}: must be an integer >= 1")
+        for name in self._POSITIVE:
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and v != float("inf")):
+                raise ConfigError(f"model.{name}={v!r}: must be > 0")
+        if self.rope_theta is not None and not self.rope_theta > 0:
+            raise ConfigError(f"model.rope_theta={self.rope_theta!r}: must be > 0 (or None: NoPE)")
+        lo, hi = self.gdn_dt_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"model.gdn_dt_range={self.gdn_dt_range!r}: need 0 < low <= high")
+        lo, hi = self.gdn_a_log_range
+        if not 0 <= lo < hi:
+            raise ConfigError(
+                f"model.gdn_a_log_range={self.gdn_a_log_range!r}: need 0 <= low < high"
+            )
+        for name in ("eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"model.{name}={v!r}: must be >= 0 (or None)")
 
     def check_parallel(self, tensor_parallel: int) -> None:
         """Raise a ConfigError naming the numbers if this model cannot be split over TP ranks."""
