@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_hybrid import mcore
-from megatron_hybrid.models.olmo_hybrid.config import ConfigError
+from megatron_hybrid.errors import ConfigError
 
 # ---- layout ---------------------------------------------------------------------------------
 
@@ -78,37 +78,6 @@ def check_layout(
             f"context parallelism: chunks of {chunk} tokens ({what} / (2 x CP {c})) are shorter "
             f"than the GDN conv halo of conv_kernel - 1 = {conv_kernel - 1} tokens"
         )
-
-
-def check_run_config(run, dry_run: bool = False) -> None:
-    """Reject a RunConfig whose CP layout the model cannot run (before any process group or
-    model exists): the row split (:func:`check_layout`) and, for the te spec, a usable
-    Transformer Engine (not for ``--dry-run``, which plans GPU jobs on hosts without it)."""
-    p, t = run.parallel, run.train
-    if p.context <= 1:
-        return
-    check_layout(
-        t.micro_batch_size * run.data.seq_length,
-        p.context,
-        p.tensor,
-        p.sequence_parallel,
-        run.model.gdn_conv_kernel,
-        micro_batch_size=t.micro_batch_size,
-        seq_length=run.data.seq_length,
-    )
-    from megatron_hybrid.models.olmo_hybrid.model import default_flavour  # (import cycle)
-
-    flavour = default_flavour() if t.spec == "auto" else t.spec
-    if flavour == "te" and not dry_run:
-        # the te spec runs CP attention too (layers/te_cp_attention.py), but needs TE itself:
-        # say so now rather than after the process groups are up
-        try:
-            mcore.te_modules()
-        except (ImportError, RuntimeError) as e:
-            raise ConfigError(
-                f"context parallel size {p.context} with the 'te' layer spec: Transformer Engine "
-                f"is not usable here ({e}); without it CP needs the local layer spec (--spec local)"
-            ) from e
 
 
 def zigzag_chunks(cp_rank: int, cp_size: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hybrid import mcore
+from megatron_hybrid.errors import ConfigError
 from megatron_hybrid.parallel.cpu_shim import install_cpu_shim
 
 
@@ -66,6 +67,35 @@ def _env_from_slurm() -> None:
         os.environ["MASTER_PORT"] = str(15000 + int(os.environ["SLURM_JOB_ID"]) % 40000)
 
 
+def _backend(cpu: bool) -> str:
+    """gloo on CPU, NCCL on GPU; ``MEGATRON_HYBRID_DIST_BACKEND=gloo`` on GPU lets several ranks
+    share one GPU (NCCL refuses two ranks on one device): how the GPU tests run context
+    parallelism on a one-GPU machine. Not for speed."""
+    backend = os.environ.get("MEGATRON_HYBRID_DIST_BACKEND", "").strip() or (
+        "gloo" if cpu else "nccl"
+    )
+    if backend not in ("gloo", "nccl") or (cpu and backend == "nccl"):
+        raise ConfigError(
+            f"MEGATRON_HYBRID_DIST_BACKEND={backend!r}: use gloo (CPU or GPU) or nccl (GPU only)"
+        )
+    return backend
+
+
+def _local_device(backend: str) -> int:
+    """This rank's GPU: LOCAL_RANK; with gloo several ranks may share one (LOCAL_RANK modulo
+    the visible GPUs). More NCCL ranks per node than GPUs is an error naming both numbers."""
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local < count:
+        return local
+    if backend == "gloo":
+        return local % count
+    raise ConfigError(
+        f"local rank {local} has no GPU: this node shows {count} GPU(s) to "
+        f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} ranks (--nproc-per-node / --ntasks-per-node "
+        "must not exceed the GPUs per node)"
+    )
+
+
 def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> None:
     """Initialise torch.distributed from the torchrun environment (or a 1-rank default).
 
@@ -91,11 +121,10 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> N
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         rank = int(os.environ.setdefault("RANK", "0"))
         world = int(os.environ.setdefault("WORLD_SIZE", "1"))
+        backend = _backend(cpu)
         if not cpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(
-            backend="gloo" if cpu else "nccl", rank=rank, world_size=world
-        )
+            torch.cuda.set_device(_local_device(backend))
+        torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world)
     world = torch.distributed.get_world_size()
     layout.data_parallel(world)  # raises with the numbers if impossible
     if mcore.parallel_state.model_parallel_is_initialized():

@@ -33,6 +33,7 @@ from megatron_hybrid.training.model_setup import (
     build_optimizer,
     transformer_config,
 )
+from megatron_hybrid.training.preflight import check_context_parallel
 
 
 def _fault_iterations(kind: str) -> set[int]:
@@ -80,7 +81,7 @@ class Trainer:
         self._install_signal_handlers()
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         run.validate(world)
-        cpctx.check_run_config(run)
+        check_context_parallel(run)
         ckpt.check_save_target(run.train.save)  # not after the first interval
         tok, vocab, self.eod = resolve_vocab(run, p.tensor)
         self.tokenizer = tok

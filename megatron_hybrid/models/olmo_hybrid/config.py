@@ -13,12 +13,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from megatron_hybrid.errors import ConfigError  # noqa: F401  (re-exported: callers import it here)
+
 GDN_BLOCK, ATTENTION_BLOCK = "gdn", "attention"
 _SYMBOL = {GDN_BLOCK: "G", ATTENTION_BLOCK: "*"}
-
-
-class ConfigError(ValueError):
-    """A model or parallel config that cannot work; the message names the field and value."""
 
 
 @dataclass
