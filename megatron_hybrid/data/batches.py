@@ -9,6 +9,8 @@ with ``cu_seqlens`` marking the sequence starts and, with document masking, ever
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -92,18 +94,40 @@ def build_datasets(
     config.split_matrix[2] = None
     if not with_valid:
         config.split_matrix[1] = None
-    for prefix in prefixes:
-        check_split_sizes(prefix, data_cfg.split, config.split_matrix, data_cfg.seq_length)
+    sizes = [train_samples, max(eval_samples, 1), 0]
+    for prefix, wanted in zip(prefixes, _samples_per_prefix(sizes, weights, len(prefixes))):
+        check_split_sizes(prefix, data_cfg.split, config.split_matrix, data_cfg.seq_length, wanted)
     train, valid, _ = mcore.BlendedMegatronDatasetBuilder(
         mcore.GPTDataset, [train_samples, max(eval_samples, 1), 0], lambda: True, config
     ).build()
     return train, valid
 
 
-def check_split_sizes(prefix: str, split: str, split_matrix, seq_length: int) -> None:
+def _samples_per_prefix(sizes: list[int], weights, n_prefixes: int) -> list[list]:
+    """Per prefix, the samples megatron's builder asks of each of its splits: all of them for a
+    single prefix, the weighted share (+1% for its surplus) in a weighted blend, one pass
+    (None) in an unweighted blend."""
+    if weights:
+        total = sum(weights)
+        return [[math.ceil(n * w / total * 1.01) for n in sizes] for w in weights]
+    if n_prefixes > 1:
+        return [[None] * len(sizes)] * n_prefixes
+    return [list(sizes)]
+
+
+MAX_EPOCHS = 10_000
+"""More passes over one split than this are refused: megatron counts epochs in a Python loop
+and builds an index entry per document per epoch, so a tiny split asked for many samples
+stalls setup (and its memory) much like an empty one."""
+
+
+def check_split_sizes(
+    prefix: str, split: str, split_matrix, seq_length: int, samples=(None, None, None)
+) -> None:
     """Every split that will be built holds at least one document and the seq_length + 1
-    tokens one sample reads, else a clear error with the numbers. (megatron-core would spin
-    forever in GPTDataset._get_num_epochs adding empty epochs, deaf to SIGTERM.)"""
+    tokens one sample reads, and gives ``samples`` (per split; None = one pass) in at most
+    MAX_EPOCHS passes; else a clear error with the numbers. (megatron-core would spin forever
+    in GPTDataset._get_num_epochs adding empty epochs, deaf to SIGTERM.)"""
     lengths = np.asarray(_read_index(prefix).lengths)
     n_docs = len(lengths)
     for name, bounds in zip(("train", "valid", "test"), split_matrix):
@@ -118,6 +142,14 @@ def check_split_sizes(prefix: str, split: str, split_matrix, seq_length: int) ->
                 f"{n_docs} documents ({tokens:,} tokens); one sample needs seq_length + 1 = "
                 f"{seq_length + 1:,} tokens (more or smaller documents, another --split, or a "
                 "shorter --seq-length)"
+            )
+        wanted = samples[("train", "valid", "test").index(name)]
+        epochs = math.ceil((wanted * seq_length + 1) / tokens) if wanted else 1
+        if epochs > MAX_EPOCHS:
+            raise ValueError(
+                f"--data-path {prefix}: the {name} split ({tokens:,} tokens in {end - beg} "
+                f"documents) would be repeated {epochs:,} times for {wanted:,} samples of "
+                f"{seq_length} tokens (at most {MAX_EPOCHS:,}): use more data or fewer samples"
             )
 
 

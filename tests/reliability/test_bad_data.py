@@ -224,6 +224,14 @@ def test_split_sizes_unit(one_huge_document):
     with pytest.raises(ValueError, match="valid split 0 of 1 documents"):
         batches.check_split_sizes(one_huge_document, "99,1,0", matrix, 32)
     batches.check_split_sizes(one_huge_document, "99,1,0", [matrix[0], None, None], 32)
+    # enough tokens for a sample, but a billion samples would mean millions of passes
+    with pytest.raises(ValueError, match=r"would be repeated [\d,]+ times for 1,000,000,000"):
+        batches.check_split_sizes(
+            one_huge_document, "100,0,0", [(0.0, 1.0), None, None], 32, (10**9, None, None)
+        )
+    batches.check_split_sizes(
+        one_huge_document, "100,0,0", [(0.0, 1.0), None, None], 32, (1000, None, None)
+    )
 
 
 def test_unused_empty_valid_split_does_not_block_training(corpus, one_huge_document):
