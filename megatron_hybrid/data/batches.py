@@ -98,7 +98,7 @@ def build_datasets(
     for prefix, wanted in zip(prefixes, _samples_per_prefix(sizes, weights, len(prefixes))):
         check_split_sizes(prefix, data_cfg.split, config.split_matrix, data_cfg.seq_length, wanted)
     train, valid, _ = mcore.BlendedMegatronDatasetBuilder(
-        mcore.GPTDataset, [train_samples, max(eval_samples, 1), 0], lambda: True, config
+        mcore.GPTDataset, sizes, lambda: True, config
     ).build()
     return train, valid
 
