@@ -59,6 +59,11 @@ def parse_args(argv=None):
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument(
+        "--no-verify-checkpoint-checksums",
+        action="store_true",
+        help="do not re-hash the checkpoint's files against its checksums.sha256 (very large ones)",
+    )
     args = p.parse_args(argv)
     sampling_asked = args.temperature is not None or args.top_p < 1 or args.top_k > 0
     if args.greedy and sampling_asked:
@@ -108,7 +113,12 @@ def main(argv=None) -> int:
     try:
         _prepare_device(args.device)
         session = GenerationSession.load(
-            args.load, args.iteration, args.dtype, args.tokenizer_type, args.tokenizer_model
+            args.load,
+            args.iteration,
+            args.dtype,
+            args.tokenizer_type,
+            args.tokenizer_model,
+            verify=not args.no_verify_checkpoint_checksums,
         )
         n_params = sum(p.numel() for p in session.model.parameters())
         print(f"loaded {session.where}: {n_params:,} parameters", flush=True)

@@ -82,13 +82,13 @@ class GenerationSession:
         self.eos = eos if eos is not None and 0 <= eos < self.usable_vocab else None
 
     @classmethod
-    def load(cls, load, iteration=None, dtype="auto", tok_type=None, tok_model=None):
+    def load(cls, load, iteration=None, dtype="auto", tok_type=None, tok_model=None, verify=True):
         from megatron_hybrid import mcore
         from megatron_hybrid.models.olmo_hybrid import conversion as cv
         from megatron_hybrid.parallel import state
 
         try:
-            path, _ = cv.resolve_checkpoint(load, iteration)
+            path, _ = cv.resolve_checkpoint(load, iteration, verify)
             run = cv.read_run_config(path)
             cfg = cv.model_config_from_run_dict(run, os.path.join(path, "run_config.json"))
         except cv.ConversionError as e:

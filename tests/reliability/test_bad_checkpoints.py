@@ -172,6 +172,23 @@ def test_corrupt_shard_fails_the_checksum_in_tools(ckpt, tmp_path, tool):
     _fails(proc, "checksum mismatch", _shard(ckpt))
 
 
+def test_tools_can_skip_the_checksums(ckpt):
+    with open(ckpt / ITER / "run_config.json", "a") as f:
+        f.write("\n")  # same content, another sha256
+    args = [
+        "tools/generate.py",
+        "--load",
+        str(ckpt),
+        "--prompt-ids",
+        "1,2",
+        "--max-new-tokens",
+        "2",
+    ]
+    _fails(run_python(args), "checksum mismatch", str(ckpt / ITER / "run_config.json"))
+    proc = _ok(run_python([*args, NO_VERIFY]))
+    assert "GENERATED ids=" in proc.stdout
+
+
 def test_checkpoint_without_manifest_loads_with_a_warning(ckpt):
     os.remove(ckpt / ITER / "checksums.sha256")
     proc = _ok(_train("--load", str(ckpt)))

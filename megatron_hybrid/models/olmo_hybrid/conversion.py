@@ -192,6 +192,11 @@ def parse_to_hf_args(argv=None):
     p.add_argument("--max-shard-size", default="5GB", help="per safetensors file (default 5GB)")
     p.add_argument("--skip-validation", action="store_true", help="do not load it back and compare")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-verify-checkpoint-checksums",
+        action="store_true",
+        help="do not re-hash the checkpoint's files against its checksums.sha256 (very large ones)",
+    )
     return p.parse_args(argv)
 
 
@@ -212,6 +217,7 @@ def main_to_hf(argv=None) -> int:
             max_shard_bytes=_shard_bytes(args.max_shard_size),
             progress=not args.no_progress,
             log=lambda s: print(s, flush=True),
+            verify=not args.no_verify_checkpoint_checksums,
         )
     except ERRORS as e:
         print(f"error: {format_error(e)}", file=sys.stderr, flush=True)

@@ -161,10 +161,11 @@ def export_to_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     log=print,
+    verify: bool = True,
 ) -> ExportResult:
     """Our checkpoint -> HF directory (then validated unless ``validate=False``). Initialises a
     one-process megatron parallel state if none exists."""
-    path, _ = resolve_checkpoint(load, iteration)
+    path, _ = resolve_checkpoint(load, iteration, verify)
     cfg = model_config_from_run_dict(read_run_config(path), os.path.join(path, "run_config.json"))
     # The recurrence backend does not touch the weights; validation runs on CPU.
     cfg = cfg.replace(gdn_backend="auto")
