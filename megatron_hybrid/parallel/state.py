@@ -68,22 +68,14 @@ def _env_from_slurm() -> None:
 
 
 def _backend(cpu: bool) -> str:
-    """gloo on CPU, NCCL on GPU; ``MEGATRON_HYBRID_DIST_BACKEND=gloo`` on GPU lets several ranks
-    share one GPU (NCCL refuses two ranks on one device): how the GPU tests run context
-    parallelism on a one-GPU machine. Not for speed."""
-    backend = os.environ.get("MEGATRON_HYBRID_DIST_BACKEND", "").strip() or (
-        "gloo" if cpu else "nccl"
-    )
-    if backend not in ("gloo", "nccl") or (cpu and backend == "nccl"):
-        raise ConfigError(
-            f"MEGATRON_HYBRID_DIST_BACKEND={backend!r}: use gloo (CPU or GPU) or nccl (GPU only)"
-        )
-    return backend
+    """gloo on CPU, NCCL on GPU. (Ranks sharing one GPU through gloo do not work: NCCL refuses
+    two ranks on one device and gloo has no CUDA ``allreduce_coalesced``, which megatron's
+    gradient reduction uses; seen on the H200, 2026-12-04.)"""
+    return "gloo" if cpu else "nccl"
 
 
 def _local_device(backend: str) -> int:
-    """This rank's GPU: LOCAL_RANK; with gloo several ranks may share one (LOCAL_RANK modulo
-    the visible GPUs). More NCCL ranks per node than GPUs is an error naming both numbers."""
+    """This rank's GPU: LOCAL_RANK. More ranks per node than GPUs is an error naming both."""
     local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if local < count:
         return local
