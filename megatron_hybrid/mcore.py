@@ -35,6 +35,7 @@ from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSub
 from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols as LayerSymbols  # noqa: F401
 from megatron.core.models.hybrid.hybrid_model import HybridModel  # noqa: F401
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: F401
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32  # noqa: F401
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate  # noqa: F401
 from megatron.core.optimizer_param_scheduler import (  # noqa: F401
     OptimizerParamScheduler,

@@ -91,6 +91,17 @@ class OptimConfig:
     """Global gradient-norm clip (>= 0; 0 = off)."""
     z_loss: float = 1e-5
     """Coefficient of the z-loss (>= 0; logsumexp^2 of the logits), stabilises the softmax."""
+    precision_aware_optimizer: bool = False
+    """Keep optimizer state in the dtypes below via Transformer Engine's FusedAdam (megatron's
+    --use-precision-aware-optimizer). Needs TE (GPU) and the distributed optimizer. Saves memory
+    and optimizer time; see docs/training.md for the accuracy trade-off."""
+    main_params_dtype: str = "fp32"
+    """fp32 | fp16: the master copy of the weights (with precision_aware_optimizer). fp32 is
+    stored as bf16 weight + 16-bit remainder (exact), so it costs no more than fp16."""
+    exp_avg_dtype: str = "fp32"
+    """fp32 | fp16 | bf16 | fp8: Adam's first moment (with precision_aware_optimizer)."""
+    exp_avg_sq_dtype: str = "fp32"
+    """fp32 | fp16 | bf16 | fp8: Adam's second moment (with precision_aware_optimizer)."""
 
 
 @dataclass
@@ -121,6 +132,11 @@ class TrainConfig:
     """e4m3 | hybrid (FP8 training arrives with the FP8 issue; refused until then)."""
     fp8_recipe: str | None = None
     """delayed | tensorwise | ... (see fp8_format)."""
+    gradient_accumulation_fusion: bool = True
+    """Transformer Engine linears write weight gradients straight into the fp32 main-grad
+    buffer (no bf16 wgrad tensor + add). te spec on GPU only; megatron's own lm-head linear
+    needs apex for it and keeps the plain path. Megatron's --no-gradient-accumulation-fusion
+    turns it off."""
     spec: str = "auto"
     """Layer-spec flavour: auto (te on GPU with Transformer Engine, else local) | te | local."""
     log_interval: int = 1
@@ -267,6 +283,34 @@ def config_warnings(run) -> list[str]:
     return out
 
 
+OPTIMIZER_DTYPES = {
+    "main_params_dtype": ("fp32", "fp16"),
+    "exp_avg_dtype": ("fp32", "fp16", "bf16", "fp8"),
+    "exp_avg_sq_dtype": ("fp32", "fp16", "bf16", "fp8"),
+}
+
+
+def check_optimizer_dtypes(run) -> None:
+    """megatron's precision-aware optimizer rules as errors before anything is built: known
+    dtype names, lower-precision states only with the flag, and the flag only with the
+    distributed optimizer (megatron asserts both)."""
+    o = run.optim
+    for name, allowed in OPTIMIZER_DTYPES.items():
+        value = getattr(o, name)
+        if value not in allowed:
+            raise _bad(f"optim.{name}", value, f"one of {', '.join(allowed)}")
+        if value != "fp32" and not o.precision_aware_optimizer:
+            raise ConfigError(
+                f"{field_label(f'optim.{name}')}={value}: lower-precision optimizer state needs "
+                "--use-precision-aware-optimizer"
+            )
+    if o.precision_aware_optimizer and not run.parallel.distributed_optimizer:
+        raise ConfigError(
+            "--use-precision-aware-optimizer needs --use-distributed-optimizer (megatron keeps "
+            "the reduced-precision states in its sharded optimizer; it works at any DP size)"
+        )
+
+
 def check_split(split: str) -> list[float]:
     """``99,1,0`` (or ``99/1/0``) -> weights; up to three non-negative numbers with a positive
     train weight (megatron's parser would skip what it cannot read and divide by a zero sum)."""
@@ -361,6 +405,7 @@ class RunConfig:
             )
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision={t.precision!r}: use auto, bf16 or fp32")
+        check_optimizer_dtypes(self)
         if require_data and not self.data.mock and not self.data.data_path:
             raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
 

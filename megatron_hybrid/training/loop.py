@@ -26,13 +26,14 @@ from megatron_hybrid.parallel import state as pstate
 from megatron_hybrid.training import checkpoint as ckpt
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
 from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
-from megatron_hybrid.training.loss import cross_entropy_with_z_loss
+from megatron_hybrid.training.loss import masked_lm_loss
 from megatron_hybrid.training.metrics import Sinks, iteration_line
 from megatron_hybrid.training.model_setup import (
     build_model_chunks,
     build_optimizer,
     transformer_config,
 )
+from megatron_hybrid.training.optimizer_step import step_if_finite
 from megatron_hybrid.training.preflight import check_context_parallel
 
 
@@ -71,6 +72,7 @@ class Trainer:
     def __init__(self, run, log=print):
         self.run, self.log = run, log
         self.stop_signal = None
+        self.stop_agreed = False
         self._nan_faults = _fault_iterations("nan_loss")
         self._kill_faults = _fault_iterations("sigkill_at")
 
@@ -201,24 +203,22 @@ class Trainer:
         else:
             pos = torch.arange(n, device=dev).unsqueeze(0)
             psp = batches.packed_seq_params(cu_seqlens, n)
-        output = model(tokens, pos, None, packed_seq_params=psp)
+        # bf16 logits go to the loss as they are: megatron's Float16Module would otherwise
+        # upcast the [tokens, vocab] output to fp32 (a copy the loss kernel does not need)
+        extra = {"fp32_output": False} if self.tcfg.bf16 else {}
+        output = model(tokens, pos, None, packed_seq_params=psp, **extra)
         z_coeff = self.run.optim.z_loss
         tp_group = mcore.parallel_state.get_tensor_model_parallel_group()
 
         def loss_func(logits_bsV):
-            ce, z = cross_entropy_with_z_loss(
-                logits_bsV.transpose(0, 1), labels.t(), z_coeff, tp_group
+            return masked_lm_loss(
+                logits_bsV,
+                labels,
+                loss_mask,
+                z_coeff,
+                tp_group,
+                nan=self.iteration + 1 in self._nan_faults,
             )
-            mask = loss_mask.t()
-            loss = ((ce + z_coeff * z) * mask).sum()
-            if self.iteration + 1 in self._nan_faults:
-                loss = loss * float("nan")
-                ce = ce * float("nan")
-            n_tok = mask.sum().to(torch.int)
-            report = torch.stack(
-                [(ce.detach() * mask).sum(), (z.detach() * mask).sum(), mask.sum()]
-            )
-            return loss, n_tok, {"sums": report}
 
         return output, loss_func
 
@@ -235,31 +235,23 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _reduce_report(self, store) -> torch.Tensor:
-        """[ce_sum, z_sum, tokens] over the global batch, the same on every rank. Every CP rank
-        holds different tokens, so all of them report (one TP rank, the last PP stage)."""
+    def _reduce_report(self, store, stop_flag: bool = False) -> torch.Tensor:
+        """``[ce_sum, z_sum, tokens, stop]`` over the global batch, on the device, the same on
+        every rank (no host sync: the optimizer step brings it over with the grad norm). Every
+        CP rank holds different tokens, so all of them report (one TP rank, the last PP stage);
+        ``stop`` counts ranks that received a stop signal."""
         ps = mcore.parallel_state
-        total = torch.zeros(3, dtype=torch.float64)
-        for item in store:
-            total += item["sums"].detach().double().cpu()
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)
         is_reporter = (
             ps.is_pipeline_last_stage(ignore_virtual=True)
             and ps.get_tensor_model_parallel_rank() == 0
         )
-        if not is_reporter:
-            total.zero_()
-        total = total.to(self.device)
+        if is_reporter and store:
+            total[:3] = torch.stack([item["sums"].detach() for item in store]).double().sum(0)
+        if stop_flag:
+            total[3] = 1.0
         dist.all_reduce(total)
-        return total.cpu()
-
-    def _grads_finite(self) -> bool:
-        ok = True
-        for m in self.chunks:
-            for buf in m.buffers:
-                ok &= bool(torch.isfinite(buf.grad_data).all())
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
+        return total
 
     def train_step(self):
         for m in self.chunks:
@@ -276,15 +268,14 @@ class Trainer:
                 f"{','.join(str(i) for mb in mine for i in mb)}"
             )
         store = self._run_schedule(mbs, forward_only=False)
-        sums = self._reduce_report(store)
-        loss_finite = math.isfinite(sums[0].item()) and math.isfinite(sums[1].item())
-        if loss_finite and self._grads_finite():
-            ok, grad_norm, _ = self.optimizer.step()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            if ok and grad_norm is not None and not math.isfinite(grad_norm):
-                ok = False
-        else:
-            ok, grad_norm = False, float("nan")
+        report = self._reduce_report(store, stop_flag=self.stop_signal is not None)
+        # one host sync per step: grad norm + loss report; NaN/inf in either skips the update
+        ok, grad_norm, sums = step_if_finite(self.optimizer, report, self.run.optim.clip_grad)
+        # stop only on what every rank saw in the same report (a signal that lands on one rank
+        # after its report went out is shared in the next step's report)
+        if sums[3].item():
+            self.stop_agreed = True
+            self.stop_signal = self.stop_signal or "peer"
         self.scheduler.step(increment=gbs)  # the schedule counts samples
         return sums, ok, grad_norm, gbs
 
@@ -298,7 +289,7 @@ class Trainer:
                 # eval always reads the same validation samples: step s = [sG, (s+1)G)
                 gbs = t.global_batch_size
                 store = self._run_schedule(self._microbatches(self.valid_ds, step * gbs, gbs), True)
-                total += self._reduce_report(store)
+                total += self._reduce_report(store)[:3].cpu()
         for m in self.chunks:
             m.train()
         return total[0].item() / max(total[2].item(), 1.0)
@@ -387,7 +378,7 @@ class Trainer:
                 )
                 self.sinks.close()
                 return self.iteration
-            if self._should_stop_on_signal():
+            if self.stop_agreed:
                 if t.save:
                     self.save()
                 self.log(
@@ -399,13 +390,6 @@ class Trainer:
             self.save()
         self.sinks.close()
         return self.iteration
-
-    def _should_stop_on_signal(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.stop_signal:
-            self.stop_signal = "peer"
-        return bool(flag.item())
 
     def save(self):
         t = self.run.train

@@ -79,7 +79,24 @@ def build_model_chunks(run, tcfg):
         chunks.append(model)
     for m in chunks:
         m.broadcast_params()  # identical replicas across data-parallel ranks
+    if flavour == "te" and run.train.gradient_accumulation_fusion and torch.cuda.is_available():
+        fuse_wgrad_accumulation(chunks)
     return chunks, flavour
+
+
+def fuse_wgrad_accumulation(chunks) -> int:
+    """Let every Transformer Engine linear accumulate its weight gradient into the parameter's
+    fp32 ``main_grad`` (megatron DDP's buffer) inside the wgrad GEMM, instead of writing a bf16
+    gradient that DDP's hook then adds. TE reads the flag at each forward; it is set after the
+    model is built because megatron's config switch would also require apex for its own
+    lm-head linear. Returns how many linears were switched."""
+    n = 0
+    for chunk in chunks:
+        for mod in chunk.modules():
+            if hasattr(mod, "fuse_wgrad_accumulation") and hasattr(mod, "weight"):
+                mod.fuse_wgrad_accumulation = True
+                n += 1
+    return n
 
 
 def _no_decay(run):
@@ -96,8 +113,21 @@ def _no_decay(run):
 def build_optimizer(run, tcfg, chunks):
     check_schedule(run)  # megatron's scheduler would assert on these
     o = run.optim
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if o.precision_aware_optimizer:
+        if not torch.cuda.is_available():
+            from megatron_hybrid.errors import ConfigError
+
+            raise ConfigError(
+                "--use-precision-aware-optimizer needs Transformer Engine's FusedAdam on a GPU"
+            )
+        dtypes["fp8"] = torch.uint8  # megatron/TE spell an fp8 optimizer state as uint8
     ocfg = mcore.OptimizerConfig(
         optimizer="adam",
+        use_precision_aware_optimizer=o.precision_aware_optimizer,
+        main_params_dtype=dtypes[o.main_params_dtype],
+        exp_avg_dtype=dtypes[o.exp_avg_dtype],
+        exp_avg_sq_dtype=dtypes[o.exp_avg_sq_dtype],
         lr=o.lr,
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,

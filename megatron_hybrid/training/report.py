@@ -37,6 +37,17 @@ def describe(
             else ""
         )
     )
+    o = run.optim
+    state = (
+        f"precision-aware: master {o.main_params_dtype}, exp_avg {o.exp_avg_dtype}, "
+        f"exp_avg_sq {o.exp_avg_sq_dtype}"
+        if o.precision_aware_optimizer
+        else "fp32 master weights and Adam moments"
+    )
+    lines.append(
+        f"optimizer: Adam, {state} | gradient accumulation fusion "
+        f"{'on (te linears)' if t.gradient_accumulation_fusion else 'off'}"
+    )
     lines.append(
         f"model: {run.preset} | pattern {m.layer_pattern()} | vocab {m.vocab_size} | "
         f"RoPE {m.rope_theta if m.rope_theta else 'none (NoPE)'}"

@@ -57,6 +57,16 @@ def _dry_run(capsys, *flags: str) -> tuple[int, str]:
         (["model.init_std=-1"], "model.init_std=-1.0: must be > 0"),
         (["model.rope_theta=-5"], "model.rope_theta=-5.0: must be > 0"),
         (["--seq-length", "8192"], "--seq-length 8192 exceeds --max-position-embeddings 4096"),
+        (["--exp-avg-dtype", "bf16"], "needs --use-precision-aware-optimizer"),
+        (
+            ["--use-precision-aware-optimizer", "--exp-avg-dtype", "int4"],
+            "--exp-avg-dtype (optim.exp_avg_dtype)='int4': must be one of fp32, fp16, bf16, fp8",
+        ),
+        (
+            ["--use-precision-aware-optimizer", "--main-params-dtype", "bf16"],
+            "--main-params-dtype (optim.main_params_dtype)='bf16': must be one of fp32, fp16",
+        ),
+        (["--use-precision-aware-optimizer"], "needs --use-distributed-optimizer"),
     ],
 )
 def test_bad_numbers_name_field_and_value(capsys, flags, message):

@@ -1,0 +1,436 @@
+"""Training-step benchmark: our trainer against upstream megatron-core and OLMo-core, one GPU.
+
+    python benchmarks/train_step.py                       # every side, prints a table, writes JSON
+    python benchmarks/train_step.py --sides ours,upstream # a subset (results merge into the JSON)
+    python benchmarks/train_step.py --profile             # where our step's time goes, by module
+    python benchmarks/train_step.py --tiny --sides ours   # CPU smoke run of the harness itself
+
+The proxy is Olmo-Hybrid-7B widths with 8 blocks, ``G-G-G-*-`` x 2 (d 3840, 30 GDN heads of
+96/192, 30 attention heads, MLP 11008, vocab 100352), seq 8192, micro-batch 1, bf16, random
+tokens. Each side runs in its own process (a clean allocator; an OOM stays one row of the table).
+
+Sides:
+- ``ours``: our trainer exactly as ``megatron-hybrid-train`` runs it (te spec, megatron DDP with
+  fp32 grads, fp32 master weights, Adam), global batch 1 and 8 micro-batches (accumulation);
+- ``ours_pa``: the same with ``--use-precision-aware-optimizer`` (bf16 moments);
+- ``attention``: our all-attention model of the same widths (``*-`` x 8);
+- ``seq32k``: ours, hybrid and all-attention, at seq 32768 (``--seq32k-flags`` picks recompute);
+- ``upstream``: megatron-core 0.19.2 ``HybridModel`` with its own TE spec
+  (``<peers>/hybrid_step.py``; fla's Hopper guard is bypassed there for timing only);
+- ``olmo_core``: OLMo-core 3.0.0, eager and ``apply_compile()`` (``<peers>/olmo_core_step.py``).
+The peers' scripts are ../shared/gpu/reference/ (stage them with ``--peers``); both train bf16
+parameters with torch's fused AdamW (no fp32 master copy) -- the table says so.
+
+Timing: CUDA events, medians; warm-up steps (Triton autotune, TE init) excluded. fwd+bwd is one
+micro-batch through megatron's schedule; a step includes zeroing, the optimizer and the report.
+MFU uses our FLOPs model (training/flops.py) and the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PROXY = ["--preset", "olmo_hybrid_7b", "--hybrid-layer-pattern", "G-G-G-*-G-G-G-*-"]
+ATTENTION = "*-*-*-*-*-*-*-*-"
+
+
+# ---- one side, in this process -----------------------------------------------------------------
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def measure_ours(args) -> dict:
+    """Build our Trainer for the proxy and time fwd+bwd, a full step at global batch 1 and at
+    8 micro-batches."""
+    import torch
+
+    from megatron_hybrid.training.cli import parse
+    from megatron_hybrid.training.loop import Trainer
+
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    gbs_big = 1 if args.no_accumulation else 8
+    flags = [
+        *(["--preset", "tiny"] if args.tiny else PROXY),
+        "--mock-data",
+        "--seq-length",
+        str(args.seq),
+        "--max-position-embeddings",
+        str(max(args.seq, 4096)),
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        str(gbs_big),
+        "--train-iters",
+        "1000",
+        "--lr",
+        "1e-5",
+        "--min-lr",
+        "1e-6",
+        "--log-interval",
+        "1000",
+        *args.flags,
+    ]
+    if args.pattern:
+        flags += ["--hybrid-layer-pattern", args.pattern]
+    if not args.tiny:
+        flags += ["--spec", "te", "--bf16"]
+    run, _ = parse(flags)
+    t0 = time.time()
+    tr = Trainer(run, log=lambda s: None).setup()
+    setup_s = time.time() - t0
+    for m in tr.chunks:
+        m.train()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timer():
+        if cuda:
+            return torch.cuda.Event(enable_timing=True)
+        return None
+
+    def elapsed(a, b):
+        return a.elapsed_time(b) if cuda else (b - a) * 1e3
+
+    def now(ev):
+        if cuda:
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def steps(gbs, n):
+        run.train.global_batch_size = gbs
+        times = []
+        for _ in range(n):
+            a = now(timer())
+            tr.train_step()
+            b = now(timer())
+            sync()
+            times.append(elapsed(a, b))
+            tr.consumed += gbs
+        return times
+
+    warm = 1 if args.tiny else 3
+    n = 2 if args.tiny else args.steps
+    steps(1, warm)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    # fwd+bwd of one micro-batch through megatron's schedule (no optimizer, no zeroing)
+    fb = []
+    for _ in range(n + 1):
+        mbs = tr._microbatches(tr.train_ds, tr.consumed, 1)
+        a = now(timer())
+        tr._run_schedule(mbs, forward_only=False)
+        b = now(timer())
+        sync()
+        fb.append(elapsed(a, b))
+    for m in tr.chunks:
+        m.zero_grad_buffer()
+    step1 = steps(1, n)
+    res = {
+        "setup_s": round(setup_s, 1),
+        "fwdbwd_ms": _median(fb[1:]),
+        "step_ms": _median(step1),
+        "tokens_per_s_per_gpu": args.seq / _median(step1) * 1e3,
+    }
+    if gbs_big > 1:
+        steps(gbs_big, 1)
+        step8 = steps(gbs_big, max(2, n // 2))
+        res["gbs8_step_ms"] = _median(step8)
+        res["gbs8_tokens_per_s_per_gpu"] = gbs_big * args.seq / _median(step8) * 1e3
+    flops = tr.flops["total"]
+    peak = tr.peak
+    for key in ("tokens_per_s_per_gpu", "gbs8_tokens_per_s_per_gpu"):
+        if key in res and peak:
+            res[key.replace("tokens_per_s_per_gpu", "mfu")] = flops * res[key] / 1e12 / peak
+    if cuda:
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["gpu"] = torch.cuda.get_device_name()
+    res["flops_per_token"] = flops
+    res["setup"] = (
+        f"ours: {tr.flavour} spec, megatron DDP fp32 grads, "
+        + (
+            "precision-aware Adam"
+            if run.optim.precision_aware_optimizer
+            else "fp32 master weights + fp32 Adam moments"
+        )
+        + (
+            ", grad-accumulation fusion"
+            if run.train.gradient_accumulation_fusion and tr.flavour == "te"
+            else ""
+        )
+        + (f", {' '.join(args.flags)}" if args.flags else "")
+    )
+    if args.profile:
+        res["profile"] = profile_ours(tr, args)
+    return res
+
+
+# Kernel-name patterns -> module category, first match wins (CUDA kernel names on the H200).
+CATEGORIES = [
+    ("loss", r"_row_stats_kernel|_grad_kernel|cross_entropy"),
+    ("optimizer", r"multi_tensor|adam|Adam|_foreach|l2norm"),
+    ("communication", r"nccl|allreduce|all_gather|reduce_scatter"),
+    ("GDN recurrence", r"chunk|gdn|delta|_wy|_fwd_h|_bwd_h|recurrence|transition|kkt|solve"),
+    ("conv", r"_conv"),
+    ("norms", r"norm|rmsnorm|_gated"),
+    ("attention", r"flash|fmha|attn|attention|sdpa|cudnn"),
+    ("GEMM", r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|wgrad|dgrad"),
+    ("elementwise / copies", r"elementwise|vectorized|copy|fill|reduce|index|cat|unrolled"),
+]
+
+
+def profile_ours(tr, args) -> dict:
+    """CUDA time per category over 2 full steps (torch.profiler), ms per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            tr.train_step()
+        torch.cuda.synchronize()
+    by_cat: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for ev in prof.key_averages():
+        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+        if not us:
+            continue
+        name = ev.key
+        cat = next((c for c, pat in CATEGORIES if re.search(pat, name, re.I)), "other")
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3 / 2
+        top[name] = top.get(name, 0.0) + us / 1e3 / 2
+    out = {"ms_per_step_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
+    out["top_kernels_ms_per_step"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])
+    return out
+
+
+# ---- the orchestrator ----------------------------------------------------------------------------
+
+
+def _run(cmd, env=None, timeout=900) -> tuple[dict | list, str]:
+    """Run one side; returns (parsed RESULT json(s), tail of output)."""
+    t0 = time.time()
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    out = proc.stdout + proc.stderr
+    found = [json.loads(m) for m in re.findall(r"^RESULT (\{.*\})$", proc.stdout, re.M)]
+    if not found:
+        err = [ln for ln in out.splitlines() if "Error" in ln or "error" in ln][-3:]
+        found = [{"error": " | ".join(err) or f"exit {proc.returncode}", "rc": proc.returncode}]
+    print(f"  ({time.time() - t0:.0f} s) {' '.join(cmd[1:4])}", file=sys.stderr, flush=True)
+    return (found[0] if len(found) == 1 else found), out[-4000:]
+
+
+def _ours_cmd(args, *extra):
+    cmd = [sys.executable, __file__, "--child", "--seq", str(args.seq), "--steps", str(args.steps)]
+    if args.tiny:
+        cmd.append("--tiny")
+    return cmd + list(extra)
+
+
+def orchestrate(args) -> dict:
+    sides = args.sides.split(",")
+    results: dict = {}
+    peers = Path(args.peers)
+    logs = {}
+    for side in sides:
+        print(f"side {side} ...", file=sys.stderr, flush=True)
+        if side == "ours":
+            results["ours"], logs[side] = _run(_ours_cmd(args, *_flag_args(args.ours_flags)))
+        elif side == "ours_pa":
+            pa = ["--use-precision-aware-optimizer", "--use-distributed-optimizer"]
+            pa += ["--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
+            results["ours_pa"], logs[side] = _run(_ours_cmd(args, *_flag_args(pa)))
+        elif side == "attention":
+            results["attention"], logs[side] = _run(_ours_cmd(args, "--pattern", ATTENTION))
+        elif side == "seq32k":
+            extra = _flag_args(args.seq32k_flags.split())
+            for name, pat in (("seq32k_hybrid", None), ("seq32k_attention", ATTENTION)):
+                cmd = _ours_cmd(args, "--no-accumulation", *extra)
+                cmd[cmd.index("--seq") + 1] = "32768"
+                cmd[cmd.index("--steps") + 1] = "3"
+                if pat:
+                    cmd += ["--pattern", pat]
+                results[name], logs[name] = _run(cmd)
+        elif side == "upstream":
+            for name, pat in (("upstream", "G-G-G-*-G-G-G-*-"), ("upstream_attention", ATTENTION)):
+                cmd = [sys.executable, str(peers / "hybrid_step.py"), pat, "bf16"]
+                results[name], logs[name] = _run(cmd, {"SEQ": str(args.seq)})
+        elif side == "olmo_core":
+            env = {
+                "PYTHONPATH": f"{args.oc_site}:{peers / 'ocstub'}:{os.environ.get('PYTHONPATH', '')}"
+            }
+            r, logs[side] = _run(
+                [sys.executable, str(peers / "olmo_core_step.py"), "eager,compile"], env
+            )
+            for item in r if isinstance(r, list) else [r]:
+                results["olmo_core_" + str(item.get("mode", "error"))] = item
+        else:
+            raise SystemExit(f"unknown side {side!r}")
+    return {"results": results, "logs": logs}
+
+
+def _flag_args(flags) -> list[str]:
+    return [f"--flag={f}" for f in flags]
+
+
+def summarise(results: dict) -> dict:
+    """The flat JSON keys the issue names (only for sides that ran)."""
+    out = {}
+
+    def put(key, side, field):
+        v = results.get(side, {})
+        if isinstance(v, dict) and field in v:
+            out[key] = v[field]
+
+    put("ours_bf16_tokens_per_s_per_gpu", "ours", "tokens_per_s_per_gpu")
+    put("ours_bf16_gbs8_tokens_per_s_per_gpu", "ours", "gbs8_tokens_per_s_per_gpu")
+    put("ours_fwdbwd_ms", "ours", "fwdbwd_ms")
+    put("ours_bf16_mfu", "ours", "mfu")
+    put("ours_bf16_gbs8_mfu", "ours", "gbs8_mfu")
+    put("ours_peak_gib", "ours", "peak_gib")
+    put("ours_precision_aware_tokens_per_s_per_gpu", "ours_pa", "tokens_per_s_per_gpu")
+    put("ours_precision_aware_gbs8_tokens_per_s_per_gpu", "ours_pa", "gbs8_tokens_per_s_per_gpu")
+    put("ours_precision_aware_peak_gib", "ours_pa", "peak_gib")
+    put("upstream_bf16_tokens_per_s_per_gpu", "upstream", "tok_s")
+    put("upstream_fwdbwd_ms", "upstream", "fwdbwd_ms_median")
+    put("upstream_attention_tokens_per_s_per_gpu", "upstream_attention", "tok_s")
+    put("olmo_core_eager_tokens_per_s_per_gpu", "olmo_core_eager", "tok_s")
+    put("olmo_core_compiled_tokens_per_s_per_gpu", "olmo_core_compile", "tok_s")
+    put("olmo_core_compiled_fwdbwd_ms", "olmo_core_compile", "fwdbwd_ms_median")
+    put("attention_only_bf16_tokens_per_s_per_gpu", "attention", "tokens_per_s_per_gpu")
+    put("attention_only_fwdbwd_ms", "attention", "fwdbwd_ms")
+    put("seq32k_hybrid_tokens_per_s_per_gpu", "seq32k_hybrid", "tokens_per_s_per_gpu")
+    put("seq32k_attention_tokens_per_s_per_gpu", "seq32k_attention", "tokens_per_s_per_gpu")
+    put("seq32k_hybrid_peak_gib", "seq32k_hybrid", "peak_gib")
+    put("seq32k_attention_peak_gib", "seq32k_attention", "peak_gib")
+    gpu = next(
+        (v.get("gpu") for v in results.values() if isinstance(v, dict) and v.get("gpu")), None
+    )
+    if gpu:
+        out["gpu"] = gpu
+    return out
+
+
+def table(results: dict) -> str:
+    rows = [
+        "| side | tokens/s/GPU (gbs 1) | tokens/s/GPU (8 micro-batches) | MFU | step ms | "
+        "fwd+bwd ms | peak GiB | setup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x, spec=",.0f"):
+        return format(x, spec) if isinstance(x, (int, float)) else "-"
+
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            continue
+        if "error" in r:
+            rows.append(f"| {name} | failed: {r['error'][:120]} | | | | | | |")
+            continue
+        tok = r.get("tokens_per_s_per_gpu", r.get("tok_s"))
+        mfu = r.get("mfu")
+        rows.append(
+            f"| {name} | {f(tok)} | {f(r.get('gbs8_tokens_per_s_per_gpu'))} | "
+            f"{f(100 * mfu, '.1f') + '%' if mfu else '-'} | {f(r.get('step_ms', r.get('step_ms_median')), '.1f')} | "
+            f"{f(r.get('fwdbwd_ms', r.get('fwdbwd_ms_median')), '.1f')} | "
+            f"{f(r.get('peak_gib', r.get('peak_mem_GiB')), '.1f')} | "
+            f"{r.get('setup', 'bf16 params, torch fused AdamW (no master copy)')} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sides", default="ours,ours_pa,attention,upstream,olmo_core,seq32k")
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    ap.add_argument("--peers", default=str(ROOT / ".gpu" / "reference"))
+    ap.add_argument("--oc-site", default="/tmp/oc", help="where OLMo-core's wheels are installed")
+    ap.add_argument("--ours-flags", nargs="*", default=[], help="extra trainer flags for 'ours'")
+    ap.add_argument("--seq32k-flags", default="", help="trainer flags for the 32K runs")
+    ap.add_argument("--json", default=str(RESULTS / "train_step_h200.json"))
+    ap.add_argument("--profile", action="store_true", help="our step's time by module")
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    # child-process options
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--pattern", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--flag", dest="flags", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--no-accumulation", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.flags = [x for f in args.flags for x in f.split()]
+
+    if args.child:
+        try:
+            res = measure_ours(args)
+        except Exception as e:  # an OOM is a result (one row), not a crash of the harness
+            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    if args.profile:
+        res = measure_ours(args)
+        prof = res.pop("profile")
+        total = sum(prof["ms_per_step_by_category"].values())
+        print("| category | ms per step | share |\n|---|---|---|")
+        for k, v in prof["ms_per_step_by_category"].items():
+            print(f"| {k} | {v:.1f} | {100 * v / total:.1f}% |")
+        print("\ntop kernels (ms per step):")
+        for k, v in prof["top_kernels_ms_per_step"].items():
+            print(f"  {v:8.2f}  {k[:110]}")
+        out = Path(os.environ.get("OUT", RESULTS)) / "train_step_profile.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"step": res, "profile": prof}, indent=1))
+        return 0
+    t0 = time.time()
+    done = orchestrate(args)
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    merged_results = {**old.get("results", {}), **done["results"]}
+    record = {
+        **{k: v for k, v in old.items() if k not in ("results",)},
+        **summarise(merged_results),
+        "results": merged_results,
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+        "versions": _versions(),
+        "wall_s": round(time.time() - t0),
+    }
+    path.write_text(json.dumps(record, indent=1))
+    logdir = Path(os.environ.get("OUT", path.parent))
+    logdir.mkdir(parents=True, exist_ok=True)
+    (logdir / "train_step_logs.json").write_text(json.dumps(done["logs"], indent=1))
+    print(table(merged_results))
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def _versions() -> dict:
+    out = {}
+    for mod in ("torch", "triton", "megatron.core", "transformer_engine"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
