@@ -180,8 +180,10 @@ def main(argv=None) -> int:
                 flush=True,
             )
             res = L.run_rung(pl, a.out, deadline)
-            if res is None:
-                break
+            if res is None:  # stopped by the time limit (stop) or --exit-interval (next rung)
+                if deadline is not None and time.time() >= deadline:
+                    break
+                continue
             print(f"[ladder] {pl['name']}: validation loss {res['val_loss']:.4f}", flush=True)
     doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
     print(open(os.path.join(a.out, "scaling_ladder.md")).read())
