@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -162,6 +163,15 @@ def main(argv=None) -> int:
             )
         return 0
 
+    # SIGTERM/SIGUSR1 (Slurm's time limit, preemption): the running rung saves and stops (the
+    # trainer's own handlers), and no further rung starts.
+    stop: list = []
+
+    def watch_signals() -> None:  # (again after each rung: its trainer installs its own)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, _f: stop.append(signum))
+
+    watch_signals()
     if not a.report_only:
         todo = plans
         if a.rung is not None:
@@ -179,12 +189,21 @@ def main(argv=None) -> int:
                 f"[ladder] {pl['name']}: {pl['params'] / 1e6:.2f}M params, {pl['train_iters']} steps",
                 flush=True,
             )
-            res = L.run_rung(pl, a.out, deadline)
-            if res is None:  # stopped by the time limit (stop) or --exit-interval (next rung)
-                if deadline is not None and time.time() >= deadline:
-                    break
-                continue
+            if stop:
+                print(f"[ladder] stopped by signal {stop[0]}: {pl['name']} not started")
+                break
+            res = L.run_rung(pl, a.out, deadline, stop_flag=stop)
+            watch_signals()
+            if res is None:  # --exit-interval: the next rung; time limit or a signal: stop here
+                if cfg.exit_interval and not stop and not (deadline and time.time() >= deadline):
+                    continue
+                break
             print(f"[ladder] {pl['name']}: validation loss {res['val_loss']:.4f}", flush=True)
+        if a.rung is not None:  # an array task: its rung only; --report-only fits them all
+            done = all(
+                os.path.isfile(os.path.join(a.out, "rungs", pl["name"] + ".json")) for pl in todo
+            )
+            return 0 if done else 4
     doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
     print(open(os.path.join(a.out, "scaling_ladder.md")).read())
     return 4 if doc["pending"] else 0

@@ -170,8 +170,11 @@ def _val_loss(lines, iteration: int) -> float | None:
     return None
 
 
-def run_rung(plan: dict, out: str, deadline: float | None, log=print) -> dict | None:
-    """Train (or resume) one rung in this process; its result, or None if it stopped early."""
+def run_rung(plan: dict, out: str, deadline: float | None, log=print,
+             stop_flag: list | None = None) -> dict | None:  # fmt: skip
+    """Train (or resume) one rung in this process; its result, or None if it stopped early
+    (``deadline`` passed, a SIGTERM/SIGUSR1 (the trainer saves first), or --exit-interval).
+    A signal that came during setup (in ``stop_flag``) is handed on to the trainer."""
     from megatron_hybrid.parallel import state
     from megatron_hybrid.training.cli import parse
     from megatron_hybrid.training.loop import Trainer
@@ -194,6 +197,8 @@ def run_rung(plan: dict, out: str, deadline: float | None, log=print) -> dict | 
 
         try:
             trainer = Trainer(run, log=tlog).setup()
+            if stop_flag:
+                trainer.stop_signal = stop_flag[0]
             if deadline is not None:
                 # at the deadline the trainer saves at the next step boundary and returns
                 timer = threading.Timer(
