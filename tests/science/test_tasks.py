@@ -146,3 +146,35 @@ def test_score_on_known_answers():
     assert m["accuracy_moved"] == pytest.approx(2 / 3) and m["examples_moved"] == 2
     assert m["answers"] == 7 and m["examples"] == 3
     assert score(preds, labels, mask, {"moved": np.zeros(3, bool)})["accuracy_moved"] is None
+
+
+def test_cli_flags_reach_the_run_config():
+    from megatron_hybrid.training.cli import parse
+    from megatron_hybrid.training.loop import resolve_vocab
+
+    run, _ = parse(
+        [
+            "--synthetic-task",
+            "mqar",
+            "--synthetic-train-length",
+            "8",
+            "--seq-length",
+            "24",
+            "--synthetic-eval-lengths",
+            "4",
+            "8",
+            "--no-gdn-neg-eigval",
+            "synthetic.mqar_num_keys=16",
+            "--hybrid-layer-pattern",
+            "G-*-",
+        ]  # fmt: skip
+    )
+    s = run.synthetic
+    assert (s.task, s.train_length, s.eval_lengths, s.mqar_num_keys) == ("mqar", 8, [4, 8], 16)
+    assert run.model.gdn_allow_neg_eigval is False and run.model.num_layers == 2
+    run.validate(1)  # a synthetic task is training data: no --data-path needed
+    _, vocab, eod = resolve_vocab(run, 1)
+    assert vocab == 128 and eod == 127 and eod >= s.build().vocab_size
+    run.data.seq_length = 23
+    with pytest.raises(ConfigError, match="use --seq-length 24"):
+        run.validate(1)
