@@ -12,7 +12,7 @@ $(STAMP): setup.py constraints.txt scripts/find_python.sh
 	@if [ ! -x "$(PY)" ]; then \
 		py=$$(scripts/find_python.sh) || exit 1; \
 		echo "creating $(VENV) with $$py"; "$$py" -m venv "$(VENV)"; fi
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,science]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "ruff>=0.6"],
+    # plots of tools/expressivity.py and tools/scaling_ladder.py (tables need nothing extra)
+    "science": ["matplotlib>=3.8"],
     # GPU extras: never installed into the CPU test environment. fla's Triton kernels cannot run on
     # CPU, and transformers would pick them up for its own GDN path if they were importable.
     "gpu": ["transformer-engine[pytorch]==2.20.2", "flash-linear-attention==0.6.0"],

@@ -63,9 +63,17 @@ def build_datasets(
     vocab_size: int,
     eod: int,
     with_valid: bool = True,
+    synthetic=None,
 ):
-    """(train, valid) datasets. Mock data, or megatron-core GPTDatasets over the blend.
+    """(train, valid) datasets. Mock data, a generated task (``synthetic``, a SyntheticConfig
+    with a task set: science/data.py), or megatron-core GPTDatasets over the blend.
     ``with_valid=False`` (no evaluation) builds no validation split (valid is then None)."""
+    if synthetic is not None and synthetic.task:
+        from megatron_hybrid.science.data import build_task_datasets
+
+        return build_task_datasets(
+            synthetic, data_cfg.seq_length, seed, train_samples, eval_samples
+        )
     if data_cfg.mock:
         train = MockDataset(train_samples, data_cfg.seq_length, vocab_size, eod, seed)
         valid = MockDataset(max(eval_samples, 1), data_cfg.seq_length, vocab_size, eod, seed + 1)

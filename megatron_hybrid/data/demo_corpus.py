@@ -12,20 +12,29 @@ import sysconfig
 
 
 def build_stdlib_corpus(
-    out_path: str, max_bytes: int = 8_000_000, max_file_bytes: int = 200_000
+    out_path: str,
+    max_bytes: int = 8_000_000,
+    max_file_bytes: int = 200_000,
+    site_packages: bool = False,
 ) -> dict:
+    """``site_packages=True`` adds the installed packages' sources after the stdlib's (a few
+    hundred MB of code in a typical ML environment: the scaling ladder's default corpus)."""
     root = sysconfig.get_paths()["stdlib"]
+    roots = [root] + ([sysconfig.get_paths()["purelib"]] if site_packages else [])
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if d not in ("site-packages", "test", "tests", "__pycache__", "idlelib")
-        )
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    for top in roots:
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if d not in ("site-packages", "test", "tests", "__pycache__", "idlelib")
+            )
+            files += [
+                (os.path.join(dirpath, f), top) for f in sorted(filenames) if f.endswith(".py")
+            ]
     written = docs = 0
     with open(out_path, "w", encoding="utf-8") as out:
-        for path in files:
+        for path, top in files:
             try:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
@@ -33,7 +42,7 @@ def build_stdlib_corpus(
                 continue
             if not text.strip() or len(text) > max_file_bytes:
                 continue
-            line = json.dumps({"text": text, "source": os.path.relpath(path, root)})
+            line = json.dumps({"text": text, "source": os.path.relpath(path, top)})
             out.write(line + "\n")
             written += len(line) + 1
             docs += 1

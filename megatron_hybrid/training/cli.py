@@ -79,6 +79,13 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--deterministic": ("train.deterministic", True),
     "--spec": ("train.spec", str),
     "--hybrid-layer-pattern": ("hybrid_layer_pattern", str),
+    # our additions
+    "--no-gdn-neg-eigval": ("model.gdn_allow_neg_eigval", False),
+    "--synthetic-task": ("synthetic.task", str),
+    "--synthetic-train-length": ("synthetic.train_length", int),
+    "--synthetic-train-min-length": ("synthetic.train_min_length", int),
+    "--synthetic-eval-lengths": ("synthetic.eval_lengths", "ints"),
+    "--synthetic-eval-examples": ("synthetic.eval_examples", int),
 }
 
 
@@ -160,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-hybrid-train",
         description="Pretrain an Olmo-Hybrid model on megatron-core (run under torchrun or srun).",
         epilog="Overrides: section.field=value or --section.field=value (sections: model, "
-        "parallel, data, optim, train). Example: optim.lr=3e-4 train.log_interval=10",
+        "parallel, data, optim, train, synthetic). Example: optim.lr=3e-4 train.log_interval=10",
     )
     p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, help="YAML file with the same sections")
@@ -181,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS)
         elif kind == "list":
             p.add_argument(flag, nargs="+", default=argparse.SUPPRESS)
+        elif kind == "ints":
+            p.add_argument(flag, nargs="+", type=int, default=argparse.SUPPRESS)
         elif kind == "int3":  # --rampup-batch-size START INCREMENT SAMPLES
             p.add_argument(
                 flag,

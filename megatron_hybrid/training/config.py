@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError, OlmoHybridConfig
+from megatron_hybrid.science.data import SyntheticConfig
 
 
 @dataclass
@@ -357,6 +358,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """A generated expressivity task as the data (``--synthetic-task``; science/data.py)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -406,7 +409,8 @@ class RunConfig:
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision={t.precision!r}: use auto, bf16 or fp32")
         check_optimizer_dtypes(self)
-        if require_data and not self.data.mock and not self.data.data_path:
+        self.synthetic.check(self.data.seq_length)
+        if require_data and not (self.data.mock or self.data.data_path or self.synthetic.task):
             raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
 
     def data_parallel_size(self, world_size: int) -> int:

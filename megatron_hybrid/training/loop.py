@@ -58,6 +58,12 @@ def resolve_vocab(run, world_tp: int):
     tok = build_tokenizer(d.tokenizer_type, d.tokenizer_model) if d.tokenizer_type else None
     if d.vocab_size:
         vocab = d.vocab_size
+    elif run.synthetic.task:  # the generated task's own small vocabulary (+ an unused EOD)
+        from megatron_hybrid.science.data import task_vocab_size
+
+        vocab = padded_vocab_size(
+            task_vocab_size(run.synthetic), d.make_vocab_size_divisible_by, world_tp
+        )
     elif tok is not None:
         vocab = padded_vocab_size(tok.vocab_size, d.make_vocab_size_divisible_by, world_tp)
     else:
@@ -140,7 +146,9 @@ class Trainer:
             vocab,
             self.eod,
             with_valid=bool(t.eval_interval),
+            synthetic=run.synthetic,
         )
+        self.task_metrics = {}  # --synthetic-task: {length: accuracies} of the last evaluation
         self.flops = flops_per_token(run.model, run.data.seq_length)
         self.peak = device_peak_tflops()
         self.sinks = Sinks(
@@ -368,6 +376,10 @@ class Trainer:
                         f"{val:.6E} | lm loss PPL: {math.exp(min(val, 50)):.6E} |"
                     )
                 self.sinks.log(self.iteration, {"lm loss validation": val})
+                if run.synthetic.task:
+                    from megatron_hybrid.science.evaluate import trainer_report
+
+                    self.task_metrics = trainer_report(self)
             if t.save and t.save_interval and self.iteration % t.save_interval == 0:
                 self.save()
             if t.exit_interval and self.iteration % t.exit_interval == 0:

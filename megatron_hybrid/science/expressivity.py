@@ -1,0 +1,462 @@
+"""The expressivity grid: tasks x architectures x seeds, each cell one run of our trainer.
+
+A cell is a normal ``megatron_hybrid.train`` command line (``--synthetic-task``,
+``--hybrid-layer-pattern``, ``--no-gdn-neg-eigval``, model overrides; recorded in its result
+so any cell can be rerun by hand), run in-process (``jobs=0``) or in ``jobs`` worker
+subprocesses that share the GPU(s) (small models leave a GPU mostly idle, so several cells
+run side by side). Each finished cell writes ``<out>/cells/<cell>.json``; a rerun skips cells
+whose result is there for the same settings, so an interrupted grid resumes.
+
+Outputs: ``expressivity.json`` (every cell + mean/std/min/max over seeds per task, architecture
+and length), ``expressivity.md`` (one table per task) and ``expressivity.png`` (accuracy vs
+test length per architecture, one panel per task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_hybrid.science.architectures import (
+    ModelShape,
+    architectures,
+    matched_intermediate,
+)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of the grid: training lengths, test lengths and task options."""
+
+    task: str
+    train_length: int
+    train_min_length: int
+    eval_lengths: tuple[int, ...]
+    options: tuple[tuple[str, int], ...] = ()
+    """SyntheticConfig fields (state_recall_bits, mqar_num_keys, ...)."""
+
+    def seq_length(self) -> int:
+        from megatron_hybrid.science.data import SyntheticConfig
+
+        return (
+            SyntheticConfig(task=self.task, **dict(self.options)).build().seq_len(self.train_length)
+        )
+
+
+@dataclass
+class GridConfig:
+    tasks: dict[str, TaskSpec]
+    archs: list[str]
+    seeds: list[int]
+    shape: ModelShape = field(default_factory=ModelShape)
+    train_iters: int = 2000
+    global_batch_size: int = 64
+    lr: float = 1e-3
+    warmup_iters: int = 100
+    eval_examples: int = 512
+    eval_batch_size: int = 64
+
+
+# The real grid (one H200, docs/science.md): lengths trained on, then 2x, 4x, 8x longer.
+REAL_TASKS = {
+    "state_recall": TaskSpec("state_recall", 16, 0, (16, 32, 64, 128), (("state_recall_bits", 16),)),
+    "s5": TaskSpec("s5", 32, 1, (32, 64, 128, 256)),
+    "a5": TaskSpec("a5", 32, 1, (32, 64, 128, 256)),
+    "parity": TaskSpec("parity", 64, 1, (64, 128, 256, 512)),
+    "mqar": TaskSpec("mqar", 16, 1, (16, 32, 64), (("mqar_num_keys", 64), ("mqar_num_values", 64))),
+}  # fmt: skip
+DEFAULT_TASKS = ("state_recall", "s5", "parity", "mqar")
+
+# CPU toy (tests): tiny everything, a handful of steps.
+TOY_TASKS = {
+    "state_recall": TaskSpec("state_recall", 2, 0, (2, 4), (("state_recall_bits", 6),)),
+    "s5": TaskSpec("s5", 4, 1, (4, 8)),
+    "a5": TaskSpec("a5", 4, 1, (4, 8)),
+    "parity": TaskSpec("parity", 6, 1, (6, 12)),
+    "mqar": TaskSpec("mqar", 3, 1, (3, 6), (("mqar_num_keys", 8), ("mqar_num_values", 8))),
+}
+TOY_SHAPE = ModelShape(
+    hidden_size=32, depth=4, attention_heads=2, gdn_heads=1, gdn_head_k_dim=16,
+    gdn_head_v_dim=32, mlp_hidden=64,
+)  # fmt: skip
+
+
+def cell_name(task: str, arch: str, seed: int) -> str:
+    return f"{task}__{arch}__s{seed}"
+
+
+def cell_argv(grid: GridConfig, spec: TaskSpec, arch_name: str, seed: int,
+              intermediate: int) -> list[str]:  # fmt: skip
+    """The ``megatron_hybrid.train`` command line of one cell."""
+    arch = architectures(grid.shape.depth)[arch_name]
+    s, t = grid.shape, grid.train_iters
+    argv = [
+        "--preset", "tiny",
+        "--hybrid-layer-pattern", arch.pattern,
+        "--synthetic-task", spec.task,
+        "--synthetic-train-length", str(spec.train_length),
+        "--synthetic-train-min-length", str(spec.train_min_length),
+        "--synthetic-eval-lengths", *map(str, spec.eval_lengths),
+        "--synthetic-eval-examples", str(grid.eval_examples),
+        "--seq-length", str(spec.seq_length()),
+        "--global-batch-size", str(grid.global_batch_size),
+        "--micro-batch-size", str(grid.global_batch_size),
+        "--train-iters", str(t),
+        "--lr", str(grid.lr),
+        "--min-lr", str(grid.lr / 10),
+        "--lr-warmup-iters", str(min(grid.warmup_iters, t - 1)),
+        "--eval-interval", str(t),
+        "--eval-iters", "1",
+        "--log-interval", str(max(1, t // 10)),
+        "--seed", str(seed),
+        f"model.hidden_size={s.hidden_size}",
+        f"model.num_attention_heads={s.attention_heads}",
+        f"model.num_key_value_heads={s.attention_heads}",
+        f"model.gdn_num_heads={s.gdn_heads}",
+        f"model.gdn_head_k_dim={s.gdn_head_k_dim}",
+        f"model.gdn_head_v_dim={s.gdn_head_v_dim}",
+        f"model.intermediate_size={intermediate}",
+        f"model.rope_theta={s.rope_theta}",
+        "model.max_position_embeddings=65536",
+        f"synthetic.eval_batch_size={grid.eval_batch_size}",
+    ]  # fmt: skip
+    argv += [f"synthetic.{k}={v}" for k, v in spec.options]
+    if not arch.neg_eigval:
+        argv.append("--no-gdn-neg-eigval")
+    return argv
+
+
+def plan(grid: GridConfig) -> list[dict]:
+    """Every cell of the grid as a JSON-able dict (its command line included)."""
+    from megatron_hybrid.data.tokenizers import padded_vocab_size
+    from megatron_hybrid.science.data import SyntheticConfig, task_vocab_size
+
+    archs = architectures(grid.shape.depth)
+    cells = []
+    for tname, spec in grid.tasks.items():
+        vocab = padded_vocab_size(
+            task_vocab_size(SyntheticConfig(task=spec.task, **dict(spec.options))), 128, 1
+        )
+        widths = matched_intermediate(grid.shape, archs, vocab)
+        for arch in grid.archs:
+            for seed in grid.seeds:
+                cells.append(
+                    {
+                        "name": cell_name(tname, arch, seed),
+                        "task": tname,
+                        "arch": arch,
+                        "seed": seed,
+                        "argv": cell_argv(grid, spec, arch, seed, widths[arch]),
+                    }
+                )
+    return cells
+
+
+def run_cell(cell: dict, log_path: str) -> dict:
+    """Train and evaluate one cell in this process; returns its result dict."""
+    from megatron_hybrid.parallel import state
+    from megatron_hybrid.training.cli import parse
+    from megatron_hybrid.training.loop import Trainer
+
+    run, _ = parse(cell["argv"])
+    t0 = time.time()
+    losses = []
+    with open(log_path, "w") as logf:
+
+        def log(line: str) -> None:
+            logf.write(line + "\n")
+            logf.flush()
+            if "| lm loss: " in line:
+                losses.append(float(line.split("| lm loss: ")[1].split(" ")[0]))
+
+        try:
+            trainer = Trainer(run, log=log).setup()
+            trainer.train()
+            metrics = trainer.task_metrics
+            params = trainer.run.model.num_params()
+            device = str(trainer.device)
+        finally:
+            state.destroy()
+    return {
+        **cell,
+        "params": params,
+        "device": device,
+        "final_train_loss": losses[-1] if losses else None,
+        "metrics": {str(k): v for k, v in metrics.items()},
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def _worker_env(gpu: int | None) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+        )  # fmt: skip
+    }
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
+def run_grid(grid: GridConfig, out: str, jobs: int = 0, log=print,
+             time_limit: float | None = None) -> dict:  # fmt: skip
+    """Run (or resume) every cell, then write the tables and the plot; returns the summary.
+    ``time_limit`` (seconds): start no cell that the mean cell time says would end past it and
+    stop running ones at it; the tables then cover the finished cells and ``doc["pending"]``
+    counts the rest (run the same command again to finish them)."""
+    cells_dir = os.path.join(out, "cells")
+    os.makedirs(cells_dir, exist_ok=True)
+    todo, results = [], {}
+    for cell in plan(grid):
+        path = os.path.join(cells_dir, cell["name"] + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                done = json.load(f)
+            if done.get("argv") == cell["argv"]:
+                results[cell["name"]] = done
+                continue
+        todo.append(cell)
+    log(f"[expressivity] {len(results)} cells done, {len(todo)} to run (jobs={jobs})")
+    t0 = time.time()
+    deadline = t0 + time_limit if time_limit else None
+    durations: list[float] = []
+
+    def may_start() -> bool:
+        if deadline is None:
+            return True
+        guess = float(np.mean(durations)) if durations else 0.0
+        return time.time() + guess < deadline
+
+    if jobs <= 0:
+        for i, cell in enumerate(todo):
+            if not may_start():
+                break
+            res = run_cell(cell, os.path.join(cells_dir, cell["name"] + ".log"))
+            _save(cells_dir, res)
+            results[cell["name"]] = res
+            durations.append(res["seconds"])
+            log(_progress(i + 1, len(todo), res, t0))
+    else:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+        running: list[tuple[subprocess.Popen, dict]] = []
+        queue, finished = list(todo), 0
+        while queue or running:
+            if deadline is not None and time.time() > deadline:
+                for proc, _cell in running:
+                    proc.kill()
+                    proc.wait()
+                log(f"[expressivity] time limit: stopped {len(running)} running cells")
+                break
+            while queue and len(running) < jobs and may_start():
+                cell = queue.pop(0)
+                spec_path = os.path.join(cells_dir, cell["name"] + ".cell.json")
+                with open(spec_path, "w") as f:
+                    json.dump(cell, f)
+                gpu = (finished + len(running)) % n_gpus if n_gpus else None
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "megatron_hybrid.science.expressivity", spec_path],
+                    env=_worker_env(gpu),
+                    stdout=subprocess.DEVNULL,
+                    stderr=open(os.path.join(cells_dir, cell["name"] + ".err"), "w"),
+                )
+                running.append((proc, cell))
+            if not running:
+                break  # nothing may start before the deadline
+            time.sleep(0.5)
+            for proc, cell in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((proc, cell))
+                finished += 1
+                path = os.path.join(cells_dir, cell["name"] + ".json")
+                if proc.returncode != 0 or not os.path.isfile(path):
+                    raise RuntimeError(
+                        f"cell {cell['name']} failed (exit {proc.returncode}); see "
+                        f"{os.path.join(cells_dir, cell['name'] + '.err')}"
+                    )
+                with open(path) as f:
+                    results[cell["name"]] = json.load(f)
+                durations.append(results[cell["name"]]["seconds"])
+                os.remove(os.path.join(cells_dir, cell["name"] + ".cell.json"))
+                log(_progress(finished, len(todo), results[cell["name"]], t0))
+    cells = plan(grid)
+    ordered = [results[c["name"]] for c in cells if c["name"] in results]
+    doc = write_outputs(grid, ordered, out, pending=len(cells) - len(ordered))
+    if doc["pending"]:
+        log(f"[expressivity] {doc['pending']} cells not run yet: run the same command again")
+    return doc
+
+
+def _progress(i: int, n: int, res: dict, t0: float) -> str:
+    accs = ", ".join(f"{k}: {v['accuracy']:.3f}" for k, v in res["metrics"].items())
+    return f"[expressivity] {i}/{n} {res['name']} ({res['seconds']:.0f} s, total {time.time() - t0:.0f} s) {accs}"
+
+
+def _save(cells_dir: str, res: dict) -> None:
+    path = os.path.join(cells_dir, res["name"] + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def summarise(results: list[dict]) -> dict:
+    """task -> arch -> length -> metric -> {mean, std, min, max, n} over seeds."""
+    groups: dict = {}
+    for r in results:
+        for length, m in r["metrics"].items():
+            for metric, v in m.items():
+                if not metric.startswith(("accuracy", "seq_accuracy")) or v is None:
+                    continue
+                groups.setdefault(r["task"], {}).setdefault(r["arch"], {}).setdefault(
+                    length, {}
+                ).setdefault(metric, []).append(v)
+    out: dict = {}
+    for task, by_arch in groups.items():
+        for arch, by_len in by_arch.items():
+            for length, by_metric in by_len.items():
+                for metric, vals in by_metric.items():
+                    a = np.asarray(vals, dtype=float)
+                    out.setdefault(task, {}).setdefault(arch, {}).setdefault(length, {})[metric] = {
+                        "mean": float(a.mean()),
+                        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                        "min": float(a.min()),
+                        "max": float(a.max()),
+                        "n": len(a),
+                    }
+    return out
+
+
+def headline_metric(task: str) -> str:
+    """What the plot shows per task: state_recall on examples where the pointer moved (recall
+    alone cannot answer those), elsewhere accuracy over all answer positions."""
+    return "accuracy_moved" if task == "state_recall" else "accuracy"
+
+
+def write_outputs(grid: GridConfig, results: list[dict], out: str, pending: int = 0) -> dict:
+    summary = summarise(results)
+    archs = architectures(grid.shape.depth)
+    doc = {
+        "grid": {
+            "tasks": {k: dataclasses.asdict(v) for k, v in grid.tasks.items()},
+            "archs": grid.archs,
+            "seeds": grid.seeds,
+            "shape": dataclasses.asdict(grid.shape),
+            "train_iters": grid.train_iters,
+            "global_batch_size": grid.global_batch_size,
+            "lr": grid.lr,
+            "eval_examples": grid.eval_examples,
+        },
+        "pending": pending,
+        "params": {r["arch"]: r["params"] for r in results},
+        "summary": summary,
+        "cells": results,
+    }
+    with open(os.path.join(out, "expressivity.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    lines = [
+        "# Expressivity suite",
+        "",
+        *([f"**Incomplete: {pending} cells not run yet.**", ""] if pending else []),
+        f"{len(grid.seeds)} seeds per cell; mean ± std (min–max) over seeds. {grid.train_iters} "
+        f"steps x {grid.global_batch_size} examples, lr {grid.lr}; {grid.eval_examples} test "
+        "examples per length. Parameters: "
+        + ", ".join(f"{a} {p:,}" for a, p in doc["params"].items()),
+        "",
+    ]
+    for task, spec in grid.tasks.items():
+        metrics = ["accuracy"] + (["accuracy_moved"] if task == "state_recall" else [])
+        for metric in metrics:
+            lines += [
+                f"## {task}: {metric.replace('_', ' ')} (trained on lengths "
+                f"{spec.train_min_length}..{spec.train_length})",
+                "",
+                "| architecture | " + " | ".join(f"len {n}" for n in spec.eval_lengths) + " |",
+                "|---|" + "---|" * len(spec.eval_lengths),
+            ]
+            for arch in grid.archs:
+                row = summary.get(task, {}).get(arch, {})
+                cells = []
+                for n in spec.eval_lengths:
+                    s = row.get(str(n), {}).get(metric)
+                    cells.append(
+                        f"{s['mean']:.3f} ± {s['std']:.3f} ({s['min']:.2f}–{s['max']:.2f})"
+                        if s
+                        else "–"
+                    )
+                lines.append(f"| {archs[arch].label} | " + " | ".join(cells) + " |")
+            lines.append("")
+    with open(os.path.join(out, "expressivity.md"), "w") as f:
+        f.write("\n".join(lines))
+    plot(grid, summary, os.path.join(out, "expressivity.png"))
+    return doc
+
+
+def plot(grid: GridConfig, summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = architectures(grid.shape.depth)
+    tasks = list(grid.tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        spec, metric = grid.tasks[task], headline_metric(task)
+        for arch in grid.archs:
+            xs, mean, lo, hi = [], [], [], []
+            for n in spec.eval_lengths:
+                s = summary.get(task, {}).get(arch, {}).get(str(n), {}).get(metric)
+                if s:
+                    xs.append(n)
+                    mean.append(s["mean"])
+                    lo.append(s["min"])
+                    hi.append(s["max"])
+            if xs:
+                (line,) = ax.plot(xs, mean, marker="o", label=archs[arch].label)
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        ax.axvline(spec.train_length, color="grey", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(spec.eval_lengths), [str(n) for n in spec.eval_lengths])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("test length (dotted: longest trained)")
+        title = task + (" (a moved)" if metric == "accuracy_moved" else "")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"accuracy (mean of {len(grid.seeds)} seeds, band min–max)")
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _worker(spec_path: str) -> int:
+    """Subprocess entry: run the cell in ``spec_path`` and save its result next to it."""
+    with open(spec_path) as f:
+        cell = json.load(f)
+    cells_dir = os.path.dirname(spec_path)
+    res = run_cell(cell, os.path.join(cells_dir, cell["name"] + ".log"))
+    _save(cells_dir, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

@@ -1,0 +1,388 @@
+"""The scaling ladder: transformer vs 3:1 hybrid at several sizes, loss vs training FLOPs.
+
+Each rung is a normal training run of our trainer (``megatron_hybrid.train``'s command line,
+recorded in its result) with ``--save``/``--load`` on its own directory, so a rung that was
+stopped (time limit, SIGTERM, a killed job) resumes from its last checkpoint when the ladder is
+run again, and a finished rung (``<out>/rungs/<rung>.json``) is skipped. Token counts follow
+the compute-optimal rule of thumb: ``tokens_per_param`` x parameters (total, embeddings
+included). Validation loss is measured once, at the end, on the same held-out sequences for
+every rung; FLOPs are our model's (training/flops.py) times the tokens trained.
+
+The fit (science/fit.py) gives L(C) = a C^-b + e per architecture and the compute multiplier:
+how many times the transformer's compute the hybrid needs for the same loss, inverted so
+that > 1 means the hybrid is cheaper, at the largest compute both ladders reach (no
+extrapolation), with a residual-bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from megatron_hybrid.science.fit import bootstrap_multiplier, fit_power_law
+
+ARCH_LABELS = {"transformer": "transformer (*-)", "hybrid": "3:1 hybrid GGG* β∈(0,2)"}
+
+
+@dataclass(frozen=True)
+class Rung:
+    arch: str
+    """transformer | hybrid."""
+    index: int
+    hidden: int
+    depth: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}_r{self.index}"
+
+    def pattern(self) -> str:
+        if self.arch == "transformer":
+            return "*-" * self.depth
+        return "".join("*-" if i % 4 == 3 else "G-" for i in range(self.depth))
+
+
+@dataclass
+class LadderConfig:
+    sizes: list[tuple[int, int]] = field(
+        default_factory=lambda: [(256, 4), (384, 8), (512, 8), (768, 12), (1024, 12)]
+    )
+    """(width, blocks) per rung: ~5 M to ~160 M parameters at a 8k vocabulary."""
+    archs: tuple[str, ...] = ("transformer", "hybrid")
+    tokens_per_param: float = 20.0
+    seq_length: int = 1024
+    global_batch_size: int = 64
+    micro_batch_size: int = 16
+    lr_base: float = 3e-3
+    """Peak LR at width 256; scaled by (256 / width)^0.5."""
+    eval_iters: int = 20
+    """Validation batches at the end of every rung (the same sequences for all rungs)."""
+    head_dim: int = 64
+    gdn_head_k_dim: int = 64
+    gdn_head_v_dim: int = 128
+    rope_theta: float | None = 10_000.0
+    seed: int = 1234
+    saves_per_rung: int = 10
+    """Checkpoints per rung (resume granularity)."""
+    exit_interval: int | None = None
+    """Stop every rung at a multiple of this many steps (saved; the next run resumes)."""
+
+    def rungs(self) -> list[Rung]:
+        return [Rung(a, i + 1, d, n) for a in self.archs for i, (d, n) in enumerate(self.sizes)]
+
+    def lr(self, rung: Rung) -> float:
+        return self.lr_base * (256 / rung.hidden) ** 0.5
+
+
+def model_overrides(cfg: LadderConfig, rung: Rung) -> list[str]:
+    d = rung.hidden
+    heads = max(1, d // cfg.head_dim)
+    gdn_heads = max(1, round(0.75 * d / cfg.gdn_head_k_dim))  # Olmo: key width 0.75 d
+    mlp = 64 * math.ceil(8 * d / 3 / 64)
+    return [
+        f"model.hidden_size={d}",
+        f"model.num_attention_heads={heads}",
+        f"model.num_key_value_heads={heads}",
+        f"model.gdn_num_heads={gdn_heads}",
+        f"model.gdn_head_k_dim={cfg.gdn_head_k_dim}",
+        f"model.gdn_head_v_dim={cfg.gdn_head_v_dim}",
+        f"model.intermediate_size={mlp}",
+        f"model.rope_theta={cfg.rope_theta}",
+        f"model.max_position_embeddings={max(cfg.seq_length, 4096)}",
+    ]
+
+
+def rung_argv(cfg: LadderConfig, rung: Rung, data: dict, train_iters: int, save: str) -> list[str]:
+    lr = cfg.lr(rung)
+    argv = [
+        "--preset", "tiny",
+        "--hybrid-layer-pattern", rung.pattern(),
+        "--data-path", data["prefix"],
+        "--split", data.get("split", "98,2,0"),
+        "--tokenizer-type", data["tokenizer_type"],
+        "--tokenizer-model", data["tokenizer_model"],
+        "--seq-length", str(cfg.seq_length),
+        "--global-batch-size", str(cfg.global_batch_size),
+        "--micro-batch-size", str(min(cfg.micro_batch_size, cfg.global_batch_size)),
+        "--train-iters", str(train_iters),
+        "--lr", f"{lr:.6g}",
+        "--min-lr", f"{lr / 10:.6g}",
+        "--lr-warmup-iters", str(max(1, train_iters // 20)),
+        "--eval-interval", str(train_iters),
+        "--eval-iters", str(cfg.eval_iters),
+        "--log-interval", str(max(1, train_iters // 20)),
+        "--save", save,
+        "--load", save,
+        "--save-interval", str(max(1, train_iters // cfg.saves_per_rung)),
+        "--seed", str(cfg.seed),
+        *model_overrides(cfg, rung),
+    ]  # fmt: skip
+    if data.get("cache_dir"):
+        argv += ["--data-cache-path", data["cache_dir"]]
+    if cfg.exit_interval:
+        argv += ["--exit-interval", str(cfg.exit_interval)]
+    return argv
+
+
+def rung_plan(cfg: LadderConfig, rung: Rung, data: dict, out: str) -> dict:
+    """Parameters, tokens, steps and FLOPs of one rung (no model is built)."""
+    from megatron_hybrid.training.cli import parse
+    from megatron_hybrid.training.flops import flops_per_token
+    from megatron_hybrid.training.loop import resolve_vocab
+
+    save = os.path.join(out, "rungs", rung.name)
+    run, _ = parse(rung_argv(cfg, rung, data, 1, save))
+    _, vocab, _ = resolve_vocab(run, 1)
+    model = run.model.replace(vocab_size=vocab)
+    params = model.num_params()
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    iters = max(2, math.ceil(cfg.tokens_per_param * params / tokens_per_step))
+    fpt = flops_per_token(model, cfg.seq_length)["total"]
+    emb = model.num_params_by_type()
+    return {
+        "name": rung.name,
+        "arch": rung.arch,
+        "index": rung.index,
+        "hidden": rung.hidden,
+        "depth": rung.depth,
+        "pattern": rung.pattern(),
+        "params": params,
+        "params_non_embedding": params - emb["embedding"] - emb["output_layer"],
+        "train_iters": iters,
+        "tokens": iters * tokens_per_step,
+        "flops_per_token": fpt,
+        "flops": fpt * iters * tokens_per_step,
+        "argv": rung_argv(cfg, rung, data, iters, save),
+    }
+
+
+_VAL = " validation loss at iteration "
+
+
+def _val_loss(lines, iteration: int) -> float | None:
+    for line in reversed(lines):
+        if line.startswith(_VAL + f"{iteration} |"):
+            return float(line.split("lm loss value: ")[1].split(" ")[0])
+    return None
+
+
+def run_rung(plan: dict, out: str, deadline: float | None, log=print,
+             stop_flag: list | None = None) -> dict | None:  # fmt: skip
+    """Train (or resume) one rung in this process; its result, or None if it stopped early
+    (``deadline`` passed, a SIGTERM/SIGUSR1 (the trainer saves first), or --exit-interval).
+    A signal that came during setup (in ``stop_flag``) is handed on to the trainer."""
+    from megatron_hybrid.parallel import state
+    from megatron_hybrid.training.cli import parse
+    from megatron_hybrid.training.loop import Trainer
+
+    rdir = os.path.join(out, "rungs")
+    log_path = os.path.join(rdir, plan["name"] + ".log")
+    lines: list[str] = []
+    if os.path.isfile(log_path):
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+    run, _ = parse(plan["argv"])
+    t0 = time.time()
+    timer = None
+    with open(log_path, "a") as logf:
+
+        def tlog(line: str) -> None:
+            lines.append(line)
+            logf.write(line + "\n")
+            logf.flush()
+
+        try:
+            trainer = Trainer(run, log=tlog).setup()
+            if stop_flag:
+                trainer.stop_signal = stop_flag[0]
+            if deadline is not None:
+                # at the deadline the trainer saves at the next step boundary and returns
+                timer = threading.Timer(
+                    max(0.0, deadline - time.time()),
+                    lambda: setattr(trainer, "stop_signal", "time limit"),
+                )
+                timer.daemon = True
+                timer.start()
+            trainer.train()
+            done = trainer.iteration >= plan["train_iters"]
+            val = _val_loss(lines, plan["train_iters"]) if done else None
+            if done and val is None:  # finished earlier, result not recorded: measure now
+                val = trainer.evaluate()
+        finally:
+            if timer is not None:
+                timer.cancel()
+            state.destroy()
+    if not done:
+        log(
+            f"[ladder] {plan['name']}: stopped at iteration {trainer.iteration}/{plan['train_iters']} (saved; rerun resumes)"
+        )
+        return None
+    result = {**plan, "val_loss": val, "seconds_last_sitting": round(time.time() - t0, 1)}
+    path = os.path.join(rdir, plan["name"] + ".json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def prepare_demo_corpus(out: str, max_mb: float, vocab: int, site_packages: bool,
+                        log=print) -> dict:  # fmt: skip
+    """The demo corpus (python sources of this machine), its tokenizer and indexed dataset,
+    built once under ``<out>/corpus`` (a lock keeps concurrent array tasks from racing)."""
+    import fcntl
+
+    from megatron_hybrid.data.demo_corpus import build_stdlib_corpus
+    from megatron_hybrid.data.preprocess import preprocess
+    from megatron_hybrid.data.tokenizer_training import train_sentencepiece
+
+    cdir = os.path.join(out, "corpus")
+    os.makedirs(cdir, exist_ok=True)
+    done = os.path.join(cdir, "corpus.json")
+    with open(os.path.join(cdir, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(done):
+            jsonl = os.path.join(cdir, "corpus.jsonl")
+            info = build_stdlib_corpus(
+                jsonl, max_bytes=int(max_mb * 1e6), site_packages=site_packages
+            )
+            log(f"[ladder] corpus: {info['documents']} files, {info['bytes'] / 1e6:.1f} MB")
+            tok = train_sentencepiece([jsonl], os.path.join(cdir, "tokenizer"), vocab_size=vocab)
+            summary = preprocess(
+                [jsonl],
+                os.path.join(cdir, "corpus"),
+                "SentencePieceTokenizer",
+                tok,
+                workers=max(1, min(16, os.cpu_count() or 1)),
+                append_eod=True,
+                progress=False,
+            )
+            log(f"[ladder] preprocessed: {summary.documents} documents, {summary.tokens:,} tokens")
+            meta = {
+                "prefix": summary.outputs[0],
+                "tokenizer_type": "SentencePieceTokenizer",
+                "tokenizer_model": tok,
+                "tokens": summary.tokens,
+                "documents": summary.documents,
+                "cache_dir": os.path.join(cdir, "index_cache"),
+            }
+            with open(done, "w") as f:
+                json.dump(meta, f, indent=1)
+        with open(done) as f:
+            return json.load(f)
+
+
+def report(cfg: LadderConfig, plans: list[dict], out: str, bootstrap: int = 1000) -> dict:
+    """Fit, multiplier, tables and plot from the finished rungs (whatever is there)."""
+    done = {}
+    for p in plans:
+        path = os.path.join(out, "rungs", p["name"] + ".json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                done[p["name"]] = json.load(f)
+    fits, points = {}, {}
+    for arch in cfg.archs:
+        rs = sorted((r for r in done.values() if r["arch"] == arch), key=lambda r: r["flops"])
+        points[arch] = ([r["flops"] for r in rs], [r["val_loss"] for r in rs])
+        if len(rs) >= 2:
+            fits[arch] = fit_power_law(*points[arch])
+    multiplier = None
+    if {"transformer", "hybrid"} <= set(fits):
+        at = min(max(points["transformer"][0]), max(points["hybrid"][0]))
+        multiplier = bootstrap_multiplier(
+            points["transformer"], points["hybrid"], at, n=bootstrap, seed=cfg.seed
+        )
+    doc = {
+        "config": asdict(cfg),
+        "rungs": [done.get(p["name"], {**p, "val_loss": None}) for p in plans],
+        "pending": [p["name"] for p in plans if p["name"] not in done],
+        "fits": {k: asdict(v) for k, v in fits.items()},
+        "compute_multiplier": multiplier,
+    }
+    with open(os.path.join(out, "scaling_ladder.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    with open(os.path.join(out, "scaling_ladder.md"), "w") as f:
+        f.write(markdown(doc))
+    if fits:
+        plot(doc, os.path.join(out, "scaling_ladder.png"))
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    c = doc["config"]
+    lines = [
+        "# Scaling ladder",
+        "",
+        f"{c['tokens_per_param']:g} tokens per parameter, seq {c['seq_length']}, batch "
+        f"{c['global_batch_size']}; validation loss after training; FLOPs = our model's "
+        "training FLOPs/token x tokens.",
+        "",
+    ]
+    if doc["pending"]:
+        lines += [f"**Incomplete: {len(doc['pending'])} rungs pending: {', '.join(doc['pending'])}.**", ""]  # fmt: skip
+    lines += [
+        "| rung | pattern | params | non-emb params | tokens | steps | FLOPs | val loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rungs"]:
+        val = f"{r['val_loss']:.4f}" if r.get("val_loss") is not None else "pending"
+        lines.append(
+            f"| {r['name']} | `{r['pattern']}` | {r['params'] / 1e6:.2f} M | "
+            f"{r['params_non_embedding'] / 1e6:.2f} M | {r['tokens']:,} | "
+            f"{r['train_iters']} | {r['flops']:.3e} | {val} |"
+        )
+    lines += ["", "## Fits L(C) = a·C^-b + e", ""]
+    for arch, f in doc["fits"].items():
+        note = "" if f["params"] == 3 else " (e fixed at 0: fewer than 3 rungs)"
+        lines.append(f"- {arch}: a = {f['a']:.4g}, b = {f['b']:.4f}, e = {f['e']:.4f}{note}")
+    m = doc["compute_multiplier"]
+    if m and m["low"] is not None:
+        lines += [
+            "",
+            f"**Compute multiplier** (transformer compute / hybrid compute at equal loss, at "
+            f"C = {m['at_compute']:.3e}): **{m['multiplier']:.3f}**, "
+            f"{100 * m['level']:.0f}% bootstrap interval [{m['low']:.3f}, {m['high']:.3f}] "
+            f"({m['draws']} residual-bootstrap draws). > 1 means the hybrid is cheaper: it "
+            f"needs {1 / m['multiplier'] if m['multiplier'] else float('inf'):.2f}x the "
+            "transformer's compute for the same loss (the paper: 35% fewer tokens for "
+            "Common Crawl loss parity, i.e. about 1.54).",
+        ]
+        if any(f["params"] == 2 for f in doc["fits"].values()):
+            lines.append("(Two-point fits leave no residuals: the interval is degenerate.)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from megatron_hybrid.science.fit import PowerLaw
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for arch, f in doc["fits"].items():
+        rs = [r for r in doc["rungs"] if r["arch"] == arch and r.get("val_loss") is not None]
+        cs = np.array([r["flops"] for r in rs])
+        (pts,) = ax.plot(cs, [r["val_loss"] for r in rs], "o", label=ARCH_LABELS.get(arch, arch))
+        law = PowerLaw(**f)
+        grid = np.geomspace(cs.min() / 1.5, cs.max() * 1.5, 100)
+        ax.plot(grid, law(grid), "-", color=pts.get_color(), alpha=0.7)
+    m = doc["compute_multiplier"]
+    if m and m["low"] is not None:
+        ax.set_title(
+            f"compute multiplier {m['multiplier']:.2f} [{m['low']:.2f}, {m['high']:.2f}]",
+            fontsize=10,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

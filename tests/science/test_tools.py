@@ -1,0 +1,119 @@
+"""tools/expressivity.py and tools/scaling_ladder.py end to end at toy sizes on CPU (as users
+run them: subprocesses), plus the accuracy evaluation against oracle and constant models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_hybrid.science.evaluate import accuracy_by_length
+from megatron_hybrid.science.tasks import MQAR, Parity
+from tests.conftest import run_python
+
+
+def _onehot(labels_bs, vocab):
+    return torch.nn.functional.one_hot(labels_bs, vocab).float()
+
+
+def test_accuracy_pipeline_on_oracle_and_constant_models():
+    """An oracle that computes the running xor from the (padded, batched) tokens scores 1; a
+    model that always says 0 scores the share of zeros; MQAR's oracle reads its own context."""
+    task = Parity()
+
+    def oracle(tokens_bs):
+        return _onehot(torch.cumsum(tokens_bs, 1) % 2, 4)
+
+    def zeros(tokens_bs):
+        return _onehot(torch.zeros_like(tokens_bs), 4)
+
+    got = accuracy_by_length(oracle, task, [5, 9], n_examples=20, batch_size=8, seed=0)
+    assert sorted(got) == [5, 9]
+    assert got[9]["accuracy"] == 1.0 and got[9]["seq_accuracy"] == 1.0
+    assert got[9]["answers"] == 20 * 9
+    const = accuracy_by_length(zeros, task, [9], n_examples=50, batch_size=16, seed=0)[9]
+    assert 0.3 < const["accuracy"] < 0.7 and const["seq_accuracy"] < 0.1
+
+    mqar = MQAR(num_keys=16, num_values=8)
+
+    def mqar_oracle(tokens_bs):
+        out = torch.zeros(*tokens_bs.shape, mqar.vocab_size)
+        for i, row in enumerate(tokens_bs.tolist()):
+            n = len(row) // 3
+            table = {row[2 * j]: row[2 * j + 1] for j in range(n)}
+            for t in range(2 * n, 3 * n):
+                out[i, t, table[row[t]]] = 1
+        return out
+
+    m = accuracy_by_length(mqar_oracle, mqar, [4], n_examples=10, batch_size=4, seed=1)[4]
+    assert m["accuracy"] == 1.0 and m["answers"] == 40
+
+
+def test_toy_expressivity_grid(tmp_path):
+    out = tmp_path / "expr"
+    args = ["tools/expressivity.py", "--out", str(out), "--toy", "--tasks", "parity",
+            "--archs", "transformer", "hybrid_beta02", "--seeds", "1", "--train-iters", "3",
+            "--eval-examples", "8"]  # fmt: skip
+    proc = run_python(args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for ext in ("md", "json", "png"):
+        assert (out / f"expressivity.{ext}").stat().st_size > 0
+    doc = json.loads((out / "expressivity.json").read_text())
+    assert doc["pending"] == 0 and len(doc["cells"]) == 2
+    assert set(doc["summary"]["parity"]) == {"transformer", "hybrid_beta02"}
+    p = doc["params"]
+    assert abs(p["transformer"] - p["hybrid_beta02"]) / p["transformer"] < 0.01  # equal size
+    for cell in doc["cells"]:
+        assert "--hybrid-layer-pattern" in cell["argv"] and cell["device"] == "cpu"
+        for length in ("6", "12"):  # the toy parity test lengths
+            m = cell["metrics"][length]
+            assert m["answers"] == 8 * int(length) and 0.0 <= m["accuracy"] <= 1.0
+        s = doc["summary"]["parity"][cell["arch"]]["12"]["accuracy"]
+        assert s["n"] == 1 and s["mean"] == cell["metrics"]["12"]["accuracy"]
+    md = (out / "expressivity.md").read_text()
+    assert "## parity: accuracy" in md and "| transformer |" in md
+    # a second run finds every cell done and trains nothing
+    before = (out / "cells" / "parity__transformer__s1.json").stat().st_mtime
+    again = run_python(args, timeout=300)
+    assert again.returncode == 0 and "2 cells done, 0 to run" in again.stdout
+    assert (out / "cells" / "parity__transformer__s1.json").stat().st_mtime == before
+
+
+def test_toy_ladder_resumes_and_fits(tmp_path):
+    out = tmp_path / "ladder"
+    base = ["tools/scaling_ladder.py", "--out", str(out), "--toy", "--bootstrap", "50"]
+    # 1) every rung stops (saved) at step 4: nothing finished, the report says so
+    first = run_python([*base, "--exit-interval", "4"], timeout=300)
+    assert first.returncode == 4, first.stderr[-3000:]
+    rungs = out / "rungs"
+    names = ["transformer_r1", "transformer_r2", "hybrid_r1", "hybrid_r2"]
+    for name in names:
+        assert (rungs / name / "latest_checkpointed_iteration.txt").read_text() == "4"
+        assert not (rungs / f"{name}.json").exists()
+    assert "Incomplete: 4 rungs pending" in (out / "scaling_ladder.md").read_text()
+    # 2) the same command without the stop resumes every rung from step 4 and finishes it
+    second = run_python(base, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    doc = json.loads((out / "scaling_ladder.json").read_text())
+    assert doc["pending"] == []
+    for r in doc["rungs"]:
+        log = (rungs / f"{r['name']}.log").read_text()
+        assert "at iteration 4" in log and "resumed from" in log, r["name"]
+        assert np.isfinite(r["val_loss"]) and r["val_loss"] < np.log(512) + 1
+        assert r["flops"] == pytest.approx(r["flops_per_token"] * r["tokens"])
+        assert (rungs / r["name"] / "latest_checkpointed_iteration.txt").read_text() == str(
+            r["train_iters"]
+        )
+    assert set(doc["fits"]) == {"transformer", "hybrid"}
+    assert doc["compute_multiplier"]["multiplier"] > 0
+    assert (out / "scaling_ladder.png").stat().st_size > 0
+    patterns = {r["arch"]: r["pattern"] for r in doc["rungs"]}
+    assert patterns == {"transformer": "*-*-*-*-", "hybrid": "G-G-G-*-"}
+    # 3) finished rungs are skipped (nothing trains: the rung's log does not grow)
+    size = os.path.getsize(rungs / "hybrid_r1.log")
+    third = run_python([*base, "--rung", "hybrid_r1"], timeout=300)
+    assert third.returncode == 0 and "hybrid_r1: done" in third.stdout
+    assert os.path.getsize(rungs / "hybrid_r1.log") == size

@@ -1,0 +1,213 @@
+"""Scaling ladder: transformer vs 3:1 hybrid at several sizes; loss vs FLOPs, fit, multiplier.
+
+    # plan only: parameters, tokens, FLOPs and estimated GPU time of every rung
+    python tools/scaling_ladder.py --out runs/ladder --plan
+    # run (or resume) the ladder for at most 510 s, then write the report; repeat until done
+    python tools/scaling_ladder.py --out runs/ladder --time-limit 510
+    # CPU toy (what the tests run)
+    python tools/scaling_ladder.py --out /tmp/ladder --toy
+
+Without --data-path the corpus is built once under <out>/corpus from this machine's Python
+sources (stdlib + installed packages; see megatron_hybrid/demo.py). Each rung checkpoints into
+<out>/rungs/<rung>/ and resumes there; finished rungs are skipped. One rung per Slurm array
+task: --rung INDEX (examples/slurm/scaling_ladder.sbatch), then --report-only.
+Writes <out>/scaling_ladder.md, .json and .png. Exit status 4: rungs still pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """'256x4,384x8' -> [(256, 4), (384, 8)] (width x blocks)."""
+    out = []
+    for part in text.split(","):
+        d, _, n = part.strip().partition("x")
+        out.append((int(d), int(n)))
+    return out
+
+
+def main(argv=None) -> int:
+    from megatron_hybrid.science import ladder as L
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="ladder directory (resumes what is there)")
+    p.add_argument("--toy", action="store_true", help="2 tiny rungs per architecture on CPU")
+    p.add_argument("--data-path", default=None, help="indexed dataset prefix (P_text_document)")
+    p.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
+    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--split", default="98,2,0")
+    p.add_argument(
+        "--corpus-mb", type=float, default=None, help="demo corpus size (real 400, toy 0.3)"
+    )
+    p.add_argument(
+        "--vocab", type=int, default=None, help="demo tokenizer pieces (real 8192, toy 512)"
+    )
+    p.add_argument("--stdlib-only", action="store_true", help="demo corpus without site-packages")
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="WIDTHxBLOCKS,... (default 256x4,384x8,512x8,768x12,1024x12)",
+    )
+    p.add_argument(
+        "--archs", nargs="+", default=["transformer", "hybrid"], choices=["transformer", "hybrid"]
+    )
+    p.add_argument("--tokens-per-param", type=float, default=None, help="default 20 (toy 0.05)")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument(
+        "--micro-batch-size", type=int, default=None, help="lower it if a rung runs out of memory"
+    )
+    p.add_argument(
+        "--lr-base",
+        type=float,
+        default=None,
+        help="peak LR at width 256 (scaled by (256/width)^0.5)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="seconds; the running rung saves and stops then (510 keeps a sitting under 9 min)",
+    )
+    p.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="stop every rung at a multiple of this many steps (saved)",
+    )
+    p.add_argument(
+        "--rung",
+        default=None,
+        help="run only this rung (index into the plan, or name like hybrid_r3)",
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="no training: fit and report the finished rungs"
+    )
+    p.add_argument(
+        "--plan", action="store_true", help="print the rungs and estimated GPU time, then exit"
+    )
+    p.add_argument(
+        "--assumed-tflops",
+        type=float,
+        default=200.0,
+        help="achieved TFLOP/s for --plan's time estimate",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap draws for the multiplier's interval"
+    )
+    a = p.parse_args(argv)
+    t0 = time.time()
+    deadline = t0 + a.time_limit if a.time_limit else None
+
+    cfg = L.LadderConfig()
+    if a.toy:
+        cfg = L.LadderConfig(
+            sizes=[(32, 4), (48, 4)], tokens_per_param=0.05, seq_length=64, global_batch_size=8,
+            micro_batch_size=8, eval_iters=2, head_dim=16, gdn_head_k_dim=16, gdn_head_v_dim=32,
+            saves_per_rung=2,
+        )  # fmt: skip
+    for key, val in (
+        ("sizes", a.sizes), ("tokens_per_param", a.tokens_per_param), ("seq_length", a.seq_length),
+        ("global_batch_size", a.global_batch_size), ("micro_batch_size", a.micro_batch_size),
+        ("lr_base", a.lr_base), ("exit_interval", a.exit_interval),
+    ):  # fmt: skip
+        if val is not None:
+            setattr(cfg, key, val)
+    cfg.archs = tuple(a.archs)
+    os.makedirs(os.path.join(a.out, "rungs"), exist_ok=True)
+
+    if a.data_path:
+        if not a.tokenizer_model:
+            p.error("--data-path needs --tokenizer-model (the tokenizer it was preprocessed with)")
+        data = {
+            "prefix": a.data_path,
+            "tokenizer_type": a.tokenizer_type,
+            "tokenizer_model": a.tokenizer_model,
+        }
+    else:
+        data = L.prepare_demo_corpus(
+            a.out,
+            a.corpus_mb or (0.3 if a.toy else 400.0),
+            a.vocab or (512 if a.toy else 8192),
+            site_packages=not (a.toy or a.stdlib_only),
+        )
+    data["split"] = "90,10,0" if a.toy and not a.data_path else a.split
+    plans = [L.rung_plan(cfg, r, data, a.out) for r in cfg.rungs()]
+
+    if a.plan:
+        total = 0.0
+        print(
+            f"{'#':>2} {'rung':<15} {'params':>9} {'tokens':>10} {'steps':>7} {'FLOPs':>10} {'GPU h':>6}"
+        )
+        for i, pl in enumerate(plans):
+            hours = pl["flops"] / (a.assumed_tflops * 1e12) / 3600
+            total += hours
+            print(
+                f"{i:>2} {pl['name']:<15} {pl['params'] / 1e6:>8.1f}M {pl['tokens'] / 1e6:>9.1f}M "
+                f"{pl['train_iters']:>7} {pl['flops']:>10.3e} {hours:>6.2f}"
+            )
+        print(f"total {total:.2f} GPU hours at {a.assumed_tflops:g} TFLOP/s achieved")
+        if data.get("tokens"):
+            worst = max(pl["tokens"] for pl in plans)
+            print(
+                f"corpus {data['tokens']:,} tokens: the largest rung reads it {worst / data['tokens']:.1f} times"
+            )
+        return 0
+
+    # SIGTERM/SIGUSR1 (Slurm's time limit, preemption): the running rung saves and stops (the
+    # trainer's own handlers), and no further rung starts.
+    stop: list = []
+
+    def watch_signals() -> None:  # (again after each rung: its trainer installs its own)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, _f: stop.append(signum))
+
+    watch_signals()
+    if not a.report_only:
+        todo = plans
+        if a.rung is not None:
+            todo = [pl for i, pl in enumerate(plans) if a.rung in (str(i), pl["name"])]
+            if not todo:
+                p.error(f"--rung {a.rung}: no such rung (0..{len(plans) - 1} or a name)")
+        for pl in todo:
+            if os.path.isfile(os.path.join(a.out, "rungs", pl["name"] + ".json")):
+                print(f"[ladder] {pl['name']}: done")
+                continue
+            if deadline is not None and time.time() > deadline - 30:
+                print(f"[ladder] time limit: {pl['name']} not started")
+                break
+            print(
+                f"[ladder] {pl['name']}: {pl['params'] / 1e6:.2f}M params, {pl['train_iters']} steps",
+                flush=True,
+            )
+            if stop:
+                print(f"[ladder] stopped by signal {stop[0]}: {pl['name']} not started")
+                break
+            res = L.run_rung(pl, a.out, deadline, stop_flag=stop)
+            watch_signals()
+            if res is None:  # --exit-interval: the next rung; time limit or a signal: stop here
+                if cfg.exit_interval and not stop and not (deadline and time.time() >= deadline):
+                    continue
+                break
+            print(f"[ladder] {pl['name']}: validation loss {res['val_loss']:.4f}", flush=True)
+        if a.rung is not None:  # an array task: its rung only; --report-only fits them all
+            done = all(
+                os.path.isfile(os.path.join(a.out, "rungs", pl["name"] + ".json")) for pl in todo
+            )
+            return 0 if done else 4
+    doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
+    print(open(os.path.join(a.out, "scaling_ladder.md")).read())
+    return 4 if doc["pending"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
