@@ -196,6 +196,7 @@ def profile_ours(tr, args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    tr.run.train.global_batch_size = 1  # one micro-batch per step: fwd+bwd + optimizer
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             tr.train_step()
@@ -210,7 +211,8 @@ def profile_ours(tr, args) -> dict:
         cat = next((c for c, pat in CATEGORIES if re.search(pat, name, re.I)), "other")
         by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3 / 2
         top[name] = top.get(name, 0.0) + us / 1e3 / 2
-    out = {"ms_per_step_by_category": dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))}
+    out = {"what": f"global batch 1, seq {args.seq}"}
+    out["ms_per_step_by_category"] = dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))
     out["top_kernels_ms_per_step"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])
     return out
 
@@ -253,7 +255,10 @@ def orchestrate(args) -> dict:
     for side in sides:
         print(f"side {side} ...", file=sys.stderr, flush=True)
         if side == "ours":
-            results["ours"], logs[side] = _run(_ours_cmd(args, *_flag_args(args.ours_flags)))
+            extra = ["--profile"] if args.profile_ours else []
+            results["ours"], logs[side] = _run(
+                _ours_cmd(args, *extra, *_flag_args(args.ours_flags))
+            )
         elif side == "ours_pa":
             pa = ["--use-precision-aware-optimizer", "--use-distributed-optimizer"]
             pa += ["--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
@@ -369,6 +374,9 @@ def main(argv=None):
     ap.add_argument("--json", default=str(RESULTS / "train_step_h200.json"))
     ap.add_argument("--profile", action="store_true", help="our step's time by module")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument(
+        "--profile-ours", action="store_true", help="the 'ours' side also profiles its step"
+    )
     # child-process options
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pattern", default=None, help=argparse.SUPPRESS)
@@ -386,17 +394,10 @@ def main(argv=None):
         return 0
     if args.profile:
         res = measure_ours(args)
-        prof = res.pop("profile")
-        total = sum(prof["ms_per_step_by_category"].values())
-        print("| category | ms per step | share |\n|---|---|---|")
-        for k, v in prof["ms_per_step_by_category"].items():
-            print(f"| {k} | {v:.1f} | {100 * v / total:.1f}% |")
-        print("\ntop kernels (ms per step):")
-        for k, v in prof["top_kernels_ms_per_step"].items():
-            print(f"  {v:8.2f}  {k[:110]}")
+        print_profile(res["profile"])
         out = Path(os.environ.get("OUT", RESULTS)) / "train_step_profile.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"step": res, "profile": prof}, indent=1))
+        out.write_text(json.dumps(res, indent=1))
         return 0
     t0 = time.time()
     done = orchestrate(args)
@@ -416,9 +417,23 @@ def main(argv=None):
     logdir = Path(os.environ.get("OUT", path.parent))
     logdir.mkdir(parents=True, exist_ok=True)
     (logdir / "train_step_logs.json").write_text(json.dumps(done["logs"], indent=1))
+    if isinstance(done["results"].get("ours"), dict) and "profile" in done["results"]["ours"]:
+        print_profile(done["results"]["ours"]["profile"])
     print(table(merged_results))
     print(f"\nwritten: {path}")
     return 0
+
+
+def print_profile(prof: dict) -> None:
+    """Category table (markdown, for BENCHMARKS.md) and the top kernels."""
+    total = sum(prof["ms_per_step_by_category"].values())
+    print(f"CUDA time per step ({prof.get('what', '')}), total {total:.1f} ms")
+    print("| category | ms per step | share |\n|---|---|---|")
+    for k, v in prof["ms_per_step_by_category"].items():
+        print(f"| {k} | {v:.1f} | {100 * v / total:.1f}% |")
+    print("\ntop kernels (ms per step):")
+    for k, v in prof["top_kernels_ms_per_step"].items():
+        print(f"  {v:8.2f}  {k[:110]}")
 
 
 def _versions() -> dict:
