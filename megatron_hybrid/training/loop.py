@@ -24,6 +24,7 @@ from megatron_hybrid.models.olmo_hybrid.config import ConfigError
 from megatron_hybrid.parallel import context as cpctx
 from megatron_hybrid.parallel import state as pstate
 from megatron_hybrid.training import checkpoint as ckpt
+from megatron_hybrid.training.faults import fault_iterations as _fault_iterations
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
 from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
 from megatron_hybrid.training.loss import cross_entropy_with_z_loss
@@ -34,17 +35,6 @@ from megatron_hybrid.training.model_setup import (
     transformer_config,
 )
 from megatron_hybrid.training.preflight import check_context_parallel
-
-
-def _fault_iterations(kind: str) -> set[int]:
-    """Test hook: ``MEGATRON_HYBRID_FAULT="nan_loss:3,4;crash_in_save:6"`` injects failures at
-    those iterations (used by the test suite to prove NaN skipping and crash-safe saves)."""
-    spec = os.environ.get("MEGATRON_HYBRID_FAULT", "")
-    for part in spec.split(";"):
-        name, _, its = part.partition(":")
-        if name.strip() == kind and its:
-            return {int(x) for x in its.split(",") if x.strip()}
-    return set()
 
 
 class TrainingStopped(RuntimeError):
