@@ -16,12 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-
-def _doc_start_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """For each packed token, the index of the first token of its document. [T]"""
-    cu = cu_seqlens.to(torch.long)
-    lengths = cu[1:] - cu[:-1]
-    return torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+from .doc_boundaries import doc_start_index
 
 
 def causal_conv1d_torch(
@@ -45,7 +40,7 @@ def causal_conv1d_torch(
         history = initial_state.to(x_BTC.dtype)
     xp_BTC = torch.cat([history, x_BTC], dim=1)  # [B, W-1+T, C]
     t_idx = torch.arange(T, device=x_BTC.device)
-    start = _doc_start_index(cu_seqlens, T) if cu_seqlens is not None else None
+    start = doc_start_index(cu_seqlens, T) if cu_seqlens is not None else None
     y = x_BTC * weight_CW[:, W - 1]
     for d in range(1, W):  # tap reading x[t - d]
         shifted = xp_BTC[:, W - 1 - d : W - 1 - d + T]

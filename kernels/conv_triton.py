@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .conv import _doc_start_index
+from .doc_boundaries import doc_start_index
 
 MAX_WIDTH = 8
 
@@ -495,7 +495,7 @@ def causal_conv1d_triton(
     else:
         start_T = None
         if cu_seqlens is not None:
-            start_T = _doc_start_index(cu_seqlens, T).to(torch.int32)
+            start_T = doc_start_index(cu_seqlens, T).to(torch.int32)
         h_BWC = history.contiguous() if (history is not None and W > 1) else None
         y = _CausalConv1dFn.apply(
             x_BTC.contiguous(), weight_CW.contiguous(), h_BWC, start_T, activation == "silu"

@@ -1,11 +1,15 @@
 """megatron_hybrid: Megatron-style 3D-parallel pretraining for hybrid GDN/attention language models.
 
-Tiers (dependencies flow downward only):
-    tools/*.py                          thin command-line wrappers
-    megatron_hybrid.models.olmo_hybrid  config + presets, layer specs, model builder, HF mapping
-    megatron_hybrid.layers              GDN mixer, Olmo attention, norms, MLP layer
-    megatron_hybrid.parallel            process groups, CPU shim, TP collectives
-    megatron_hybrid.kernels             GDN ops (our Triton kernels, PyTorch references)
+Floors (imports run downward only; docs/architecture.md, checked by tests/test_import_floors.py):
+    tools/*.py, train.py, demo.py, inference/cli.py   entry points: command lines
+    megatron_hybrid.conversion           HF export/import + validation, checkpoint loading, parity
+    megatron_hybrid.training | .inference  run config, loop, checkpoints | decoder, generation
+    megatron_hybrid.models.olmo_hybrid   config + presets, layer specs, model builder, HF mapping
+    megatron_hybrid.layers               GDN mixer, Olmo attention, norms, MLP layer
+    megatron_hybrid.parallel | .data     process groups, CPU shim, TP/CP | tokenizers, batches
+    megatron_hybrid.mcore                the one place that imports megatron-core internals
+    megatron_hybrid.kernels              GDN ops (our Triton kernels, PyTorch references)
+    megatron_hybrid.errors               ConfigError
 """
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ The last line starts with PARITY OK or PARITY FAIL; exit status 0 iff OK.
 
 import sys
 
-from megatron_hybrid.models.olmo_hybrid.hf_compare import main
+from megatron_hybrid.conversion.hf_compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

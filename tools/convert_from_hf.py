@@ -12,7 +12,7 @@ docs/conversion.md.
 
 import sys
 
-from megatron_hybrid.models.olmo_hybrid.conversion import main_from_hf
+from megatron_hybrid.conversion.cli import main_from_hf
 
 if __name__ == "__main__":
     sys.exit(main_from_hf())

@@ -12,7 +12,7 @@ logits compared with ours; the last line starts with VALIDATION OK (exit 0) or V
 
 import sys
 
-from megatron_hybrid.models.olmo_hybrid.conversion import main_to_hf
+from megatron_hybrid.conversion.cli import main_to_hf
 
 if __name__ == "__main__":
     sys.exit(main_to_hf())

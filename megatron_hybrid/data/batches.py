@@ -66,10 +66,10 @@ def build_datasets(
     synthetic=None,
 ):
     """(train, valid) datasets. Mock data, a generated task (``synthetic``, a SyntheticConfig
-    with a task set: science/data.py), or megatron-core GPTDatasets over the blend.
+    with a task set: data/synthetic.py), or megatron-core GPTDatasets over the blend.
     ``with_valid=False`` (no evaluation) builds no validation split (valid is then None)."""
     if synthetic is not None and synthetic.task:
-        from megatron_hybrid.science.data import build_task_datasets
+        from megatron_hybrid.data.synthetic import build_task_datasets
 
         return build_task_datasets(
             synthetic, data_cfg.seq_length, seed, train_samples, eval_samples

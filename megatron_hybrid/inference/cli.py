@@ -9,6 +9,9 @@ The checkpoint may have been saved at any TP/PP/CP layout; it is loaded into one
 when there is one, else CPU). Each generation prints its text and, last, a line
 ``GENERATED ids=<comma-separated new token ids>``; evaluation prints a line
 ``EVAL documents=N tokens=T loss=L perplexity=P``. Bad input: one ``error: ...`` line, exit 2.
+
+An entry point: it stands on the top floor with tools/ (docs/architecture.md), above
+conversion/, whose ``load_session`` reads the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import argparse
 import os
 import sys
 
+from megatron_hybrid.conversion.saved_checkpoints import load_session
 from megatron_hybrid.inference.sampling import SamplingConfig
-from megatron_hybrid.inference.session import GenerateError, GenerationSession
+from megatron_hybrid.inference.session import GenerateError
 
 
 def parse_args(argv=None):
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         _prepare_device(args.device)
-        session = GenerationSession.load(
+        session = load_session(
             args.load,
             args.iteration,
             args.dtype,

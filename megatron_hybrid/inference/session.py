@@ -1,5 +1,6 @@
-"""A loaded checkpoint + tokenizer, with generation and perplexity evaluation on top of the
-recurrent-state decoder (inference/decoder.py)."""
+"""A model + tokenizer, with generation and perplexity evaluation on top of the recurrent-state
+decoder (inference/decoder.py). Loading one from a checkpoint is conversion's
+(``conversion.saved_checkpoints.load_session``: inference does not read training's files)."""
 
 from __future__ import annotations
 
@@ -46,25 +47,6 @@ class EvalResult:
         return math.exp(min(self.loss, 700.0))
 
 
-def _tokenizer_from(run: dict, tok_type: str | None, tok_model: str | None):
-    from megatron_hybrid.data.tokenizers import build_tokenizer
-
-    data = run.get("data") or {}
-    tok_model = tok_model or data.get("tokenizer_model")
-    if not tok_model:
-        return None
-    if tok_type is None:
-        tok_type = data.get("tokenizer_type") if tok_model == data.get("tokenizer_model") else None
-    if tok_type is None:
-        tok_type = (
-            "SentencePieceTokenizer" if tok_model.endswith(".model") else "HuggingFaceTokenizer"
-        )
-    try:
-        return build_tokenizer(tok_type, tok_model)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise GenerateError(f"tokenizer {tok_model!r} ({tok_type}) cannot be loaded: {e}") from None
-
-
 class GenerationSession:
     def __init__(self, model, cfg, tokenizer, where: str, trained_seq_length: int | None = None):
         self.model, self.cfg, self.tokenizer, self.where = model, cfg, tokenizer, where
@@ -80,35 +62,6 @@ class GenerationSession:
         )
         eos = tokenizer.eod if tokenizer is not None else cfg.eos_token_id
         self.eos = eos if eos is not None and 0 <= eos < self.usable_vocab else None
-
-    @classmethod
-    def load(cls, load, iteration=None, dtype="auto", tok_type=None, tok_model=None, verify=True):
-        from megatron_hybrid import mcore
-        from megatron_hybrid.models.olmo_hybrid import conversion as cv
-        from megatron_hybrid.parallel import state
-
-        try:
-            path, _ = cv.resolve_checkpoint(load, iteration, verify)
-            run = cv.read_run_config(path)
-            cfg = cv.model_config_from_run_dict(run, os.path.join(path, "run_config.json"))
-        except cv.ConversionError as e:
-            raise GenerateError(str(e)) from None
-        tokenizer = _tokenizer_from(run, tok_type, tok_model)
-        if not mcore.parallel_state.model_parallel_is_initialized():
-            state.initialize(state.ParallelLayout())
-        cuda = torch.cuda.is_available()
-        if dtype == "auto":
-            torch_dtype = cv.checkpoint_weight_dtype(path) if cuda else torch.float32
-        else:
-            torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        # decoding has no backward: the auto kernels (ours on GPU, torch on CPU) are exact
-        cfg = cfg.replace(gdn_backend="auto")
-        try:
-            model = cv.load_checkpoint_model(path, cfg, torch_dtype)
-        except cv.ConversionError as e:
-            raise GenerateError(str(e)) from None
-        where = f"{path} ({'cuda' if cuda else 'cpu'}, {str(torch_dtype).replace('torch.', '')})"
-        return cls(model, cfg, tokenizer, where, (run.get("data") or {}).get("seq_length"))
 
     # ---- text ------------------------------------------------------------------------------
 

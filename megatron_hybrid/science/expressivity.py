@@ -43,7 +43,7 @@ class TaskSpec:
     """SyntheticConfig fields (state_recall_bits, mqar_num_keys, ...)."""
 
     def seq_length(self) -> int:
-        from megatron_hybrid.science.data import SyntheticConfig
+        from megatron_hybrid.data.synthetic import SyntheticConfig
 
         return (
             SyntheticConfig(task=self.task, **dict(self.options)).build().seq_len(self.train_length)
@@ -135,8 +135,8 @@ def cell_argv(grid: GridConfig, spec: TaskSpec, arch_name: str, seed: int,
 
 def plan(grid: GridConfig) -> list[dict]:
     """Every cell of the grid as a JSON-able dict (its command line included)."""
+    from megatron_hybrid.data.synthetic import SyntheticConfig, task_vocab_size
     from megatron_hybrid.data.tokenizers import padded_vocab_size
-    from megatron_hybrid.science.data import SyntheticConfig, task_vocab_size
 
     archs = architectures(grid.shape.depth)
     cells = []

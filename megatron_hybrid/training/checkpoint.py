@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_hybrid import mcore
+from megatron_hybrid.training.faults import fault_iterations
 
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -105,14 +106,8 @@ def _warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 (the set
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _fault_iterations(kind: str) -> set[int]:
-    from megatron_hybrid.training import loop
-
-    return loop._fault_iterations(kind)
-
-
 def _crash_in_save() -> set[int]:
-    return _fault_iterations("crash_in_save")
+    return fault_iterations("crash_in_save")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -498,7 +493,7 @@ def save_checkpoint(
 ) -> str:
     rank, world = dist.get_rank(), dist.get_world_size()
     final, tmp = _prepare(root, iteration)
-    if iteration in _fault_iterations("nan_in_save"):
+    if iteration in fault_iterations("nan_in_save"):
         # Test hook: NaN weights in the saved model (what the trainer must refuse to load).
         with torch.no_grad():
             next(unwrap(chunks[0]).parameters()).fill_(float("nan"))

@@ -11,8 +11,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from megatron_hybrid.data.synthetic import SyntheticConfig
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError, OlmoHybridConfig
-from megatron_hybrid.science.data import SyntheticConfig
 
 
 @dataclass
@@ -359,7 +359,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    """A generated expressivity task as the data (``--synthetic-task``; science/data.py)."""
+    """A generated expressivity task as the data (``--synthetic-task``; data/synthetic.py)."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -24,6 +24,7 @@ from megatron_hybrid.models.olmo_hybrid.config import ConfigError
 from megatron_hybrid.parallel import context as cpctx
 from megatron_hybrid.parallel import state as pstate
 from megatron_hybrid.training import checkpoint as ckpt
+from megatron_hybrid.training.faults import fault_iterations as _fault_iterations
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
 from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
 from megatron_hybrid.training.loss import masked_lm_loss
@@ -37,17 +38,6 @@ from megatron_hybrid.training.optimizer_step import step_if_finite
 from megatron_hybrid.training.preflight import check_context_parallel
 
 
-def _fault_iterations(kind: str) -> set[int]:
-    """Test hook: ``MEGATRON_HYBRID_FAULT="nan_loss:3,4;crash_in_save:6"`` injects failures at
-    those iterations (used by the test suite to prove NaN skipping and crash-safe saves)."""
-    spec = os.environ.get("MEGATRON_HYBRID_FAULT", "")
-    for part in spec.split(";"):
-        name, _, its = part.partition(":")
-        if name.strip() == kind and its:
-            return {int(x) for x in its.split(",") if x.strip()}
-    return set()
-
-
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many consecutive NaN steps); message says why."""
 
@@ -59,7 +49,7 @@ def resolve_vocab(run, world_tp: int):
     if d.vocab_size:
         vocab = d.vocab_size
     elif run.synthetic.task:  # the generated task's own small vocabulary (+ an unused EOD)
-        from megatron_hybrid.science.data import task_vocab_size
+        from megatron_hybrid.data.synthetic import task_vocab_size
 
         vocab = padded_vocab_size(
             task_vocab_size(run.synthetic), d.make_vocab_size_divisible_by, world_tp
@@ -377,7 +367,7 @@ class Trainer:
                     )
                 self.sinks.log(self.iteration, {"lm loss validation": val})
                 if run.synthetic.task:
-                    from megatron_hybrid.science.evaluate import trainer_report
+                    from megatron_hybrid.training.task_accuracy import trainer_report
 
                     self.task_metrics = trainer_report(self)
             if t.save and t.save_interval and self.iteration % t.save_interval == 0:

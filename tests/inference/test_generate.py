@@ -215,9 +215,9 @@ def test_bad_input_is_one_line_error(converted, extra, message):
 
 INCREMENTAL = """
 import sys, torch
-from megatron_hybrid.inference.session import GenerationSession
+from megatron_hybrid.conversion.saved_checkpoints import load_session
 from megatron_hybrid.parallel import state as st
-s = GenerationSession.load(sys.argv[1])
+s = load_session(sys.argv[1])
 ids = torch.randint(0, 500, (2, 41), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     full = s.model(ids, torch.arange(41)[None].expand(2, 41), None).float()

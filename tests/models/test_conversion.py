@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megatron_hybrid.models.olmo_hybrid.conversion import normalize_hf_names
+from megatron_hybrid.conversion.hf_files import normalize_hf_names
 from megatron_hybrid.models.olmo_hybrid.hf_mapping import config_from_hf, split_fused_conv
 from tests.conftest import ROOT, TINY_HF_CONFIG, TINY_MOCK, run_python, train_cmd
 
@@ -213,8 +213,8 @@ def test_validation_catches_a_wrong_mapping(trained, tmp_path):
     _, tp2, _ = trained
     code = (
         "import sys\n"
-        "import megatron_hybrid.models.olmo_hybrid.conversion as cv\n"
-        "import megatron_hybrid.models.olmo_hybrid.hf_export as ex\n"
+        "import megatron_hybrid.conversion.cli as cv\n"
+        "import megatron_hybrid.conversion.hf_export as ex\n"
         "orig = ex.megatron_to_hf\n"
         "def broken(sd, cfg, hf_vocab_size=None):\n"
         "    out = orig(sd, cfg, hf_vocab_size)\n"
@@ -440,7 +440,7 @@ def test_7b_config_and_layout_are_the_released_ones():
     released 523 tensors (7,430,870,688 parameters) and maps both ways (meta tensors, no data)."""
     from transformers import OlmoHybridConfig, OlmoHybridForCausalLM
 
-    from megatron_hybrid.models.olmo_hybrid.conversion import export_config_dict
+    from megatron_hybrid.conversion.hf_files import export_config_dict
     from megatron_hybrid.models.olmo_hybrid.hf_mapping import hf_to_megatron, megatron_to_hf
     from megatron_hybrid.models.olmo_hybrid.presets import olmo_hybrid_7b
 

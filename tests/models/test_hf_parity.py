@@ -67,7 +67,7 @@ def test_parity_fails_when_weights_differ(make_hf_config, monkeypatch):
     cfg = make_hf_config("broken")
     code = (
         "import sys\n"
-        "import megatron_hybrid.models.olmo_hybrid.hf_compare as hc\n"
+        "import megatron_hybrid.conversion.hf_compare as hc\n"
         "orig = hc.hf_to_megatron\n"
         "def broken(sd, cfg):\n"
         "    out = orig(sd, cfg)\n"

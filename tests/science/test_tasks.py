@@ -8,16 +8,16 @@ import itertools
 import numpy as np
 import pytest
 
-from megatron_hybrid.errors import ConfigError
-from megatron_hybrid.science.data import SyntheticConfig, build_task_datasets
-from megatron_hybrid.science.evaluate import score
-from megatron_hybrid.science.tasks import (
+from megatron_hybrid.data.synthetic import SyntheticConfig, build_task_datasets
+from megatron_hybrid.data.synthetic_tasks import (
     MQAR,
     Parity,
     StateRecall,
     WordProblem,
     example_rng,
 )
+from megatron_hybrid.errors import ConfigError
+from megatron_hybrid.training.task_accuracy import score
 
 
 def _examples(task, length, n=40, seed=3):

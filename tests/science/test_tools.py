@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_hybrid.science.evaluate import accuracy_by_length
-from megatron_hybrid.science.tasks import MQAR, Parity
+from megatron_hybrid.data.synthetic_tasks import MQAR, Parity
+from megatron_hybrid.training.task_accuracy import accuracy_by_length
 from tests.conftest import run_python
 
 

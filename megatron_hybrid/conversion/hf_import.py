@@ -9,14 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.models.olmo_hybrid.hf_files import (
+from megatron_hybrid.conversion.hf_files import (
     normalize_hf_names,
     read_hf_config,
     read_hf_tensors,
 )
+from megatron_hybrid.conversion.saved_checkpoints import ConversionError, single_rank_model
+from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.models.olmo_hybrid.hf_mapping import config_from_hf, hf_to_megatron
-from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import ConversionError, single_rank_model
 
 
 @dataclass

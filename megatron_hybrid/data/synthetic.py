@@ -5,7 +5,7 @@
 
 Each sample is one example right-padded to ``--seq-length`` (PAD tokens with loss mask 0, so
 only answer positions are trained on); the vocabulary is the task's (padded as Megatron pads,
-the last id serves as the never-seen EOD). Evaluation (science/evaluate.py) reports accuracy at
+the last id serves as the never-seen EOD). Evaluation (training/task_accuracy.py) reports accuracy at
 every ``eval_lengths`` entry next to the validation loss.
 """
 
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_hybrid.errors import ConfigError
-from megatron_hybrid.science.tasks import (
+from megatron_hybrid.data.synthetic_tasks import (
     TASK_NAMES,
     TRAIN_STREAM,
     VALID_STREAM,
@@ -23,13 +22,14 @@ from megatron_hybrid.science.tasks import (
     example_rng,
     padded,
 )
+from megatron_hybrid.errors import ConfigError
 
 
 @dataclass
 class SyntheticConfig:
     task: str | None = None
     """parity | s5 | a5 | mqar | state_recall: train on this generated task instead of
-    ``data.data_path`` (None = off). See megatron_hybrid/science/tasks.py for the formats."""
+    ``data.data_path`` (None = off). See megatron_hybrid/data/synthetic_tasks.py for the formats."""
     train_length: int = 16
     """The task's size parameter for training (bits, group elements, key-value pairs, swaps);
     the longest training example. ``data.seq_length`` must hold an example of this length."""

@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import ConversionError
+from megatron_hybrid.conversion.saved_checkpoints import ConversionError
 
 
 @dataclass

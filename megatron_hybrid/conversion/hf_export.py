@@ -11,15 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.models.olmo_hybrid.hf_files import (
+from megatron_hybrid.conversion.hf_files import (
     DEFAULT_MAX_SHARD_BYTES,
     export_config_dict,
     write_safetensors,
 )
-from megatron_hybrid.models.olmo_hybrid.hf_mapping import megatron_to_hf
-from megatron_hybrid.models.olmo_hybrid.hf_tokenizer import TokenizerExport, export_tokenizer
-from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import (
+from megatron_hybrid.conversion.hf_tokenizer import TokenizerExport, export_tokenizer
+from megatron_hybrid.conversion.saved_checkpoints import (
     DTYPE_NAMES,
     DTYPES,
     ConversionError,
@@ -30,6 +28,8 @@ from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import (
     resolve_checkpoint,
     unsharded_state_dict,
 )
+from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.models.olmo_hybrid.hf_mapping import megatron_to_hf
 
 # ---------------------------------------------------------------------------------------------
 # validation
@@ -95,7 +95,7 @@ def validate_export(
     of its first 16 tokens. Returns (ParityResult, GreedyResult)."""
     from transformers import AutoModelForCausalLM
 
-    from megatron_hybrid.models.olmo_hybrid.hf_compare import compare_logits, random_batch
+    from megatron_hybrid.conversion.hf_compare import compare_logits, random_batch
 
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = random_batch(hf.config, batch, seq_len, seed)

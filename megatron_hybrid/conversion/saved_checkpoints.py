@@ -2,8 +2,9 @@
 
 A checkpoint's ``run_config.json`` gives the model config; the weights load into a TP=1/PP=1
 model in one process (megatron's dist checkpointing reshards whatever TP/PP/VP layout saved
-them). The lowest layer of the conversion modules: ``ConversionError`` and the dtype names live
-here.
+them), or into a generation session (``load_session``, tools/generate.py). The file format
+itself is training/checkpoint.py's. The lowest layer of the conversion modules:
+``ConversionError`` and the dtype names live here.
 """
 
 from __future__ import annotations
@@ -135,3 +136,60 @@ def unsharded_state_dict(model) -> dict[str, torch.Tensor]:
         for k, v in model.state_dict().items()
         if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# generation (tools/generate.py): a checkpoint + its tokenizer as an inference session
+
+
+def _tokenizer_from(run: dict, tok_type: str | None, tok_model: str | None):
+    from megatron_hybrid.data.tokenizers import build_tokenizer
+    from megatron_hybrid.inference.session import GenerateError
+
+    data = run.get("data") or {}
+    tok_model = tok_model or data.get("tokenizer_model")
+    if not tok_model:
+        return None
+    if tok_type is None:
+        tok_type = data.get("tokenizer_type") if tok_model == data.get("tokenizer_model") else None
+    if tok_type is None:
+        tok_type = (
+            "SentencePieceTokenizer" if tok_model.endswith(".model") else "HuggingFaceTokenizer"
+        )
+    try:
+        return build_tokenizer(tok_type, tok_model)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise GenerateError(f"tokenizer {tok_model!r} ({tok_type}) cannot be loaded: {e}") from None
+
+
+def load_session(load, iteration=None, dtype="auto", tok_type=None, tok_model=None, verify=True):
+    """A ``GenerationSession`` on checkpoint ``--load`` (``--iteration``; dtype auto: as stored
+    on GPU, fp32 on CPU) with its tokenizer (the run's, or ``tok_model``); bad input raises
+    ``GenerateError`` naming the file or value."""
+    from megatron_hybrid import mcore
+    from megatron_hybrid.inference.session import GenerateError, GenerationSession
+    from megatron_hybrid.parallel import state
+
+    try:
+        path, _ = resolve_checkpoint(load, iteration, verify)
+        run = read_run_config(path)
+        cfg = model_config_from_run_dict(run, os.path.join(path, "run_config.json"))
+    except ConversionError as e:
+        raise GenerateError(str(e)) from None
+    tokenizer = _tokenizer_from(run, tok_type, tok_model)
+    if not mcore.parallel_state.model_parallel_is_initialized():
+        state.initialize(state.ParallelLayout())
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        torch_dtype = checkpoint_weight_dtype(path) if cuda else torch.float32
+    else:
+        torch_dtype = DTYPES[dtype]
+    # decoding has no backward: the auto kernels (ours on GPU, torch on CPU) are exact
+    cfg = cfg.replace(gdn_backend="auto")
+    try:
+        model = load_checkpoint_model(path, cfg, torch_dtype)
+    except ConversionError as e:
+        raise GenerateError(str(e)) from None
+    where = f"{path} ({'cuda' if cuda else 'cpu'}, {str(torch_dtype).replace('torch.', '')})"
+    seq_length = (run.get("data") or {}).get("seq_length")
+    return GenerationSession(model, cfg, tokenizer, where, seq_length)

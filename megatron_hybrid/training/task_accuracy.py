@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_hybrid.science.tasks import TEST_STREAM, Task, example_rng, padded
+from megatron_hybrid.data.synthetic_tasks import TEST_STREAM, Task, example_rng, padded
 
 
 def score(preds, labels, mask, flags: dict[str, np.ndarray] | None = None) -> dict:

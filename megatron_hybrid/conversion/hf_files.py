@@ -9,9 +9,9 @@ import os
 
 import torch
 
+from megatron_hybrid.conversion.saved_checkpoints import DTYPE_NAMES, ConversionError
 from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.models.olmo_hybrid.hf_mapping import hf_config_dict, split_fused_conv
-from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import DTYPE_NAMES, ConversionError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 INDEX_FILE = "model.safetensors.index.json"

@@ -1,135 +1,16 @@
-"""HF ``olmo_hybrid`` directories <-> our trainer's dist checkpoints (tools/convert_*_hf.py).
-
-Export (``export_to_hf``, hf_export.py): read ``run_config.json`` of an ``iter_N`` directory
-for the model config, build a TP=1/PP=1 model in one process and load only its weights
-(megatron's dist checkpointing reshards whatever TP/PP/VP layout saved them), map the unsharded
-state dict with ``hf_mapping.megatron_to_hf`` and write ``config.json``,
-``generation_config.json``, sharded ``model-0000i-of-0000N.safetensors`` +
-``model.safetensors.index.json`` and the tokenizer. Then (unless skipped) load the directory
-with ``transformers.AutoModelForCausalLM`` on CPU in fp32 and compare its logits with our
-model's on a fixed random batch (hf_compare's machinery).
-
-Import (``import_from_hf``, hf_import.py): read an HF directory (one or several safetensors
-files, the released allenai/Olmo-Hybrid-7B layout or transformers' ``save_pretrained`` names),
-map it with ``hf_mapping.hf_to_megatron`` into a TP=1 model and save a weights-only checkpoint
-(``<save>/iter_0000000/`` + tracker + ``run_config.json``) that ``megatron-hybrid-train --load``
-starts from with a fresh optimizer and schedule.
-
-Every tensor is mapped exactly once; missing, unexpected or mis-shaped tensors and an
-unsupported config raise ``ConversionError`` (or hf_mapping's ``KeyError``/``ValueError``/
-``ConfigError``) naming the key, which the CLIs print as one ``error: ...`` line (exit 2).
-
-This module holds the two command lines and re-exports the public names of the modules that do
-the work (import from here or from them):
-
-- ``saved_checkpoints``: our checkpoints seen from the model side (``ConversionError``, config,
-  resolving ``--load``, loading the weights into one TP=1/PP=1 model);
-- ``hf_files``: HF directories on disk (config.json, safetensors + index, on-disk names);
-- ``hf_tokenizer``: the tokenizer of an export (sentencepiece copied/converted, or HF);
-- ``hf_export``: ``export_to_hf`` and its validation against transformers;
-- ``hf_import``: ``import_from_hf``.
+"""The command lines of the conversion tools: tools/convert_to_hf.py (``main_to_hf``) and
+tools/convert_from_hf.py (``main_from_hf``). Both run in one process on CPU; bad input is one
+``error: ...`` line (exit 2), a failed validation exit 1.
 """
 
 from __future__ import annotations
 
 import os
 
-from megatron_hybrid.models.olmo_hybrid.config import ConfigError, OlmoHybridConfig
-from megatron_hybrid.models.olmo_hybrid.hf_export import (
-    TIE,
-    ExportResult,
-    GreedyResult,
-    compare_greedy,
-    export_to_hf,
-    validate_export,
-)
-from megatron_hybrid.models.olmo_hybrid.hf_files import (
-    DEFAULT_MAX_SHARD_BYTES,
-    INDEX_FILE,
-    LEGACY_HF_NAMES,
-    export_config_dict,
-    normalize_hf_names,
-    read_hf_config,
-    read_hf_tensors,
-    safetensors_files,
-    write_safetensors,
-)
-from megatron_hybrid.models.olmo_hybrid.hf_import import (
-    ImportResult,
-    import_from_hf,
-    import_run_dict,
-)
-from megatron_hybrid.models.olmo_hybrid.hf_mapping import (
-    config_from_hf,
-    hf_config_dict,
-    hf_to_megatron,
-    megatron_to_hf,
-    split_fused_conv,
-)
-from megatron_hybrid.models.olmo_hybrid.hf_tokenizer import (
-    TOKENIZER_PROBES,
-    TokenizerExport,
-    export_tokenizer,
-)
-from megatron_hybrid.models.olmo_hybrid.saved_checkpoints import (
-    DTYPE_NAMES,
-    DTYPES,
-    ConversionError,
-    checkpoint_weight_dtype,
-    load_checkpoint_model,
-    model_config_from_run_dict,
-    read_run_config,
-    resolve_checkpoint,
-    single_rank_model,
-    unsharded_state_dict,
-)
-
-__all__ = [
-    "DEFAULT_MAX_SHARD_BYTES",
-    "DTYPES",
-    "DTYPE_NAMES",
-    "ERRORS",
-    "INDEX_FILE",
-    "LEGACY_HF_NAMES",
-    "TIE",
-    "TOKENIZER_PROBES",
-    "ConfigError",
-    "ConversionError",
-    "ExportResult",
-    "GreedyResult",
-    "ImportResult",
-    "OlmoHybridConfig",
-    "TokenizerExport",
-    "checkpoint_weight_dtype",
-    "compare_greedy",
-    "config_from_hf",
-    "export_config_dict",
-    "export_to_hf",
-    "export_tokenizer",
-    "format_error",
-    "hf_config_dict",
-    "hf_to_megatron",
-    "import_from_hf",
-    "import_run_dict",
-    "load_checkpoint_model",
-    "main_from_hf",
-    "main_to_hf",
-    "megatron_to_hf",
-    "model_config_from_run_dict",
-    "normalize_hf_names",
-    "parse_from_hf_args",
-    "parse_to_hf_args",
-    "read_hf_config",
-    "read_hf_tensors",
-    "read_run_config",
-    "resolve_checkpoint",
-    "safetensors_files",
-    "single_rank_model",
-    "split_fused_conv",
-    "unsharded_state_dict",
-    "validate_export",
-    "write_safetensors",
-]
+from megatron_hybrid.conversion.hf_export import export_to_hf
+from megatron_hybrid.conversion.hf_import import import_from_hf
+from megatron_hybrid.conversion.saved_checkpoints import ConversionError
+from megatron_hybrid.models.olmo_hybrid.config import ConfigError
 
 
 def format_error(e: BaseException) -> str:
