@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # CPU suite: no GPU, gloo for multi-rank tests, torch.compile off (no inductor C++ builds on CI).
 test: $(STAMP)
-	TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m "not gpu" tests $(PYTEST_ARGS)
+	TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m "not gpu" --durations=25 tests $(PYTEST_ARGS)
 
 # GPU-only tests (run on the lent H200).
 test-gpu: $(STAMP)
