@@ -46,6 +46,7 @@ from megatron.core.optimizer_param_scheduler import (  # noqa: F401
 from megatron.core.packed_seq_params import PackedSeqParams  # noqa: F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: F401
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: F401
+from megatron.core.safe_globals import SafeUnpickler  # noqa: F401  (FP8 extra state)
 from megatron.core.tensor_parallel import (  # noqa: F401
     ColumnParallelLinear,
     RowParallelLinear,
