@@ -355,5 +355,3 @@ def test_fp8_delayed_detection_reads_the_model_config():
     assert ckpt._fp8_delayed([M("e4m3", "delayed")])
     assert not ckpt._fp8_delayed([M("hybrid", "tensorwise")])
     assert not ckpt._fp8_delayed([M(None, "delayed")])
-
-
