@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                       # every side, prints a table, writes JSON
     python benchmarks/train_step.py --sides ours,upstream # a subset (results merge into the JSON)
+    python benchmarks/train_step.py --sides ours,ours_fp8_delayed,ours_fp8_tensorwise  # FP8
     python benchmarks/train_step.py --profile             # where our step's time goes, by module
     python benchmarks/train_step.py --tiny --sides ours   # CPU smoke run of the harness itself
 
@@ -13,6 +14,10 @@ Sides:
 - ``ours``: our trainer exactly as ``megatron-hybrid-train`` runs it (te spec, megatron DDP with
   fp32 grads, fp32 master weights, Adam), global batch 1 and 8 micro-batches (accumulation);
 - ``ours_pa``: the same with ``--use-precision-aware-optimizer`` (bf16 moments);
+- ``ours_fp8_delayed`` / ``ours_fp8_tensorwise`` (not in the default set): the same with FP8
+  GEMMs, ``--fp8-format hybrid --fp8-recipe delayed`` / ``tensorwise`` (plus ``--ours-flags``);
+  JSON keys ``ours_fp8_delayed_tokens_per_s_per_gpu``, ``ours_fp8_tensorwise_tokens_per_s_per_gpu``
+  and ``ours_fp8_peak_gib`` (the delayed side's peak);
 - ``attention``: our all-attention model of the same widths (``*-`` x 8);
 - ``seq32k``: ours, hybrid and all-attention, at seq 32768 (``--seq32k-flags`` picks recompute);
 - ``upstream``: megatron-core 0.19.2 ``HybridModel`` with its own TE spec
@@ -41,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PROXY = ["--preset", "olmo_hybrid_7b", "--hybrid-layer-pattern", "G-G-G-*-G-G-G-*-"]
 ATTENTION = "*-*-*-*-*-*-*-*-"
+# FP8 sides: our trainer with --fp8-format hybrid and this --fp8-recipe
+FP8_SIDES = {"ours_fp8_delayed": "delayed", "ours_fp8_tensorwise": "tensorwise"}
 
 
 # ---- one side, in this process -----------------------------------------------------------------
@@ -263,6 +270,9 @@ def orchestrate(args) -> dict:
             pa = ["--use-precision-aware-optimizer", "--use-distributed-optimizer"]
             pa += ["--exp-avg-dtype", "bf16", "--exp-avg-sq-dtype", "bf16"]
             results["ours_pa"], logs[side] = _run(_ours_cmd(args, *_flag_args(pa)))
+        elif side in FP8_SIDES:  # the same trainer with FP8 GEMMs (docs/training.md, "FP8")
+            fp8 = ["--fp8-format", "hybrid", "--fp8-recipe", FP8_SIDES[side]]
+            results[side], logs[side] = _run(_ours_cmd(args, *_flag_args([*fp8, *args.ours_flags])))
         elif side == "attention":
             results["attention"], logs[side] = _run(_ours_cmd(args, "--pattern", ATTENTION))
         elif side == "seq32k":
@@ -314,6 +324,20 @@ def summarise(results: dict) -> dict:
     put("ours_precision_aware_tokens_per_s_per_gpu", "ours_pa", "tokens_per_s_per_gpu")
     put("ours_precision_aware_gbs8_tokens_per_s_per_gpu", "ours_pa", "gbs8_tokens_per_s_per_gpu")
     put("ours_precision_aware_peak_gib", "ours_pa", "peak_gib")
+    put("ours_fp8_delayed_tokens_per_s_per_gpu", "ours_fp8_delayed", "tokens_per_s_per_gpu")
+    put(
+        "ours_fp8_delayed_gbs8_tokens_per_s_per_gpu",
+        "ours_fp8_delayed",
+        "gbs8_tokens_per_s_per_gpu",
+    )
+    put("ours_fp8_peak_gib", "ours_fp8_delayed", "peak_gib")
+    put("ours_fp8_tensorwise_tokens_per_s_per_gpu", "ours_fp8_tensorwise", "tokens_per_s_per_gpu")
+    put(
+        "ours_fp8_tensorwise_gbs8_tokens_per_s_per_gpu",
+        "ours_fp8_tensorwise",
+        "gbs8_tokens_per_s_per_gpu",
+    )
+    put("ours_fp8_tensorwise_peak_gib", "ours_fp8_tensorwise", "peak_gib")
     put("upstream_bf16_tokens_per_s_per_gpu", "upstream", "tok_s")
     put("upstream_fwdbwd_ms", "upstream", "fwdbwd_ms_median")
     put("upstream_attention_tokens_per_s_per_gpu", "upstream_attention", "tok_s")

@@ -6,6 +6,7 @@ upgrade (symbols move between minor releases: GPTModel -> HybridModel, parallel_
 ProcessGroupCollection, ...) is fixed in this file. Pinned: megatron-core 0.19.2.
 """
 
+import contextlib
 import warnings
 
 import torch
@@ -29,6 +30,7 @@ from megatron.core.distributed import (  # noqa: F401
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
+from megatron.core.enums import Fp8Recipe  # noqa: F401
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add  # noqa: F401
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: F401
 from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules  # noqa: F401
@@ -44,6 +46,7 @@ from megatron.core.optimizer_param_scheduler import (  # noqa: F401
 from megatron.core.packed_seq_params import PackedSeqParams  # noqa: F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: F401
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: F401
+from megatron.core.safe_globals import SafeUnpickler  # noqa: F401  (FP8 extra state)
 from megatron.core.tensor_parallel import (  # noqa: F401
     ColumnParallelLinear,
     RowParallelLinear,
@@ -77,6 +80,79 @@ def te_modules():
             "use the 'local' spec on CPU"
         )
     return te_ext
+
+
+# ---- FP8 (Transformer Engine) ----------------------------------------------------------------
+# TE recipe classes behind megatron's --fp8-recipe names (megatron.core.fp8_utils.get_fp8_recipe).
+FP8_RECIPE_CLASSES = {
+    "delayed": "DelayedScaling",
+    "tensorwise": "Float8CurrentScaling",
+    "blockwise": "Float8BlockScaling",
+    "mxfp8": "MXFP8BlockScaling",
+}
+
+
+def fp8_recipe_support(recipe: str) -> tuple[bool, str]:
+    """Whether this GPU and Transformer Engine run the FP8 recipe ``recipe`` (megatron's name):
+    TE's own checks (``check_fp8_support``, ``check_fp8_block_scaling_support``,
+    ``check_mxfp8_support``), i.e. what ``te.pytorch.autocast`` would assert at the first
+    forward. Returns ``(ok, reason)``; never raises for a missing TE or GPU (ok False)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        from transformer_engine.pytorch import quantization as q
+    except ImportError as e:  # pragma: no cover - GPU environments
+        return False, f"Transformer Engine is not importable ({e})"
+    check = {
+        "delayed": q.check_fp8_support,
+        "tensorwise": q.check_fp8_support,
+        "blockwise": q.check_fp8_block_scaling_support,
+        "mxfp8": q.check_mxfp8_support,
+    }[recipe]
+    ok, reason = check()
+    if ok and recipe != "delayed" and recipe != "tensorwise":
+        ok, reason = q.check_fp8_support()  # the per-tensor check TE also asserts on entry
+    return bool(ok), reason
+
+
+_TE_QUANTIZATION = []  # [module or None], resolved once (a failed import is not cached by Python)
+
+
+def _te_quantization():
+    if not _TE_QUANTIZATION:
+        try:
+            from transformer_engine.pytorch import quantization
+        except ImportError:
+            quantization = None
+        _TE_QUANTIZATION.append(quantization)
+    return _TE_QUANTIZATION[0]
+
+
+def fp8_disabled():
+    """A context in which Transformer Engine modules run in their high precision even inside an
+    enclosing FP8 autocast (``te.pytorch.autocast(enabled=False)``: it saves and restores TE's
+    autocast state and, being disabled, triggers no amax reduction on exit). A null context
+    when FP8 is not active, so bf16 and CPU runs pay nothing and need no TE."""
+    q = _te_quantization()
+    if q is None or not q.FP8GlobalStateManager.is_fp8_enabled():
+        return contextlib.nullcontext()
+    # same recipe object and amax group as the enclosing autocast: same autocast key, so TE's
+    # bookkeeping of the enclosing region is untouched
+    return q.autocast(
+        enabled=False,
+        recipe=q.FP8GlobalStateManager.get_fp8_recipe(),
+        amax_reduction_group=q.FP8GlobalStateManager.get_fp8_group(),
+    )
+
+
+def fp8_params_disabled():
+    """A context in which TE modules are built with high-precision weights even inside
+    megatron's ``quantized_model_init`` (``--fp8-param-gather``); null when TE is absent or
+    FP8 parameters are not being created."""
+    q = _te_quantization()
+    if q is None or not q.FP8GlobalStateManager.with_fp8_parameters():
+        return contextlib.nullcontext()
+    return q.quantized_model_init(enabled=False, recipe=q.FP8GlobalStateManager.get_fp8_recipe())
 
 
 _TORCH_ADAM_FIXED = False

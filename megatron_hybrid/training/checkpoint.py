@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -591,6 +592,72 @@ def _check_optimizer_kind(path: str, optimizer) -> None:
         )
 
 
+# ---- Transformer Engine FP8 state (``_extra_state``) ------------------------------------------
+# Every TE module (te spec) saves an ``_extra_state`` object. It is empty except under the FP8
+# *delayed* recipe, whose per-module scales and amax histories it carries as a Python pickle;
+# TE >= 2.20 refuses to unpickle that on load unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (a
+# pickle can run code). Resuming needs it, so a load here:
+# - into a run that is not FP8-delayed (bf16, tensorwise, blockwise): replaces every payload by
+#   the empty one TE skips (scales are not state in those runs; a bf16 run has none);
+# - into an FP8-delayed run: first decodes each payload with megatron-core's restricted unpickler
+#   for FP8 extra state (``megatron.core.safe_globals.SafeUnpickler``: plain containers, tensors,
+#   TE/megatron recipe objects; no code can run), then lets TE load exactly those bytes with the
+#   opt-in switched on for that call only. Anything else is a CheckpointError.
+# A bf16 checkpoint into an FP8-delayed run: empty payloads, fresh amax histories.
+UNSAFE_EXTRA_STATE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+def check_extra_state_payload(key: str, value) -> None:
+    """Raise CheckpointError unless ``value`` (a TE ``_extra_state``) is empty or decodes with the
+    restricted unpickler (megatron's allow-list: tensors and TE/megatron recipe objects)."""
+    if value is None or (isinstance(value, torch.Tensor) and value.numel() == 0):
+        return
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{key}: unexpected Transformer Engine extra state {type(value)}")
+    try:
+        mcore.SafeUnpickler(io.BytesIO(value.detach().cpu().numpy().tobytes())).load()
+    except Exception as e:  # noqa: BLE001 (any decoding failure is a refusal)
+        raise CheckpointError(
+            f"{key}: refusing to load this Transformer Engine FP8 state ({_one_line(e)}); if you "
+            f"trust the checkpoint, set {UNSAFE_EXTRA_STATE_ENV}=1"
+        ) from None
+
+
+def _fp8_delayed(chunks) -> bool:
+    cfg = getattr(unwrap(chunks[0]), "config", None)
+    return bool(getattr(cfg, "fp8", None)) and str(getattr(cfg, "fp8_recipe", "")).endswith(
+        "delayed"
+    )
+
+
+def prepare_extra_state(model_state: dict, keep: bool) -> None:
+    """In place on a loaded model state dict: see the block comment above."""
+    for k, v in model_state.items():
+        if not k.endswith("_extra_state"):
+            continue
+        if not keep:
+            model_state[k] = torch.empty(0, dtype=torch.uint8)
+        elif os.environ.get(UNSAFE_EXTRA_STATE_ENV) != "1":
+            check_extra_state_payload(k, v)
+
+
+@contextlib.contextmanager
+def _extra_state_opt_in(enabled: bool):
+    """TE's unpickling opt-in for the duration of one verified load (restored after)."""
+    if not enabled:
+        yield
+        return
+    before = os.environ.get(UNSAFE_EXTRA_STATE_ENV)
+    os.environ[UNSAFE_EXTRA_STATE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(UNSAFE_EXTRA_STATE_ENV, None)
+        else:
+            os.environ[UNSAFE_EXTRA_STATE_ENV] = before
+
+
 def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: bool = True) -> dict:
     """Restore the ``iter_N`` checkpoint ``path`` in place; returns its train_state (with
     ``iteration``). A weights-only checkpoint restores only the weights."""
@@ -615,7 +682,10 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: boo
     if same_layout:
         sd["rng_state"] = _rng_object(world, rank)
     state = _strict_load(path, sd, requested_prefixes=prefixes)
-    with reading(path):
+    keep_fp8 = _fp8_delayed(chunks)
+    for name in model_sd:
+        prepare_extra_state(state[name], keep=keep_fp8)
+    with reading(path), _extra_state_opt_in(keep_fp8):
         if len(chunks) == 1:
             unwrap(chunks[0]).load_state_dict(state["model"])
         else:

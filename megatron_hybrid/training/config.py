@@ -130,9 +130,33 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
     fp8_format: str | None = None
-    """e4m3 | hybrid (FP8 training arrives with the FP8 issue; refused until then)."""
+    """FP8 training through Transformer Engine (te spec, GPU): None = off (bf16 GEMMs) | e4m3
+    (E4M3 for activations, weights and gradients) | hybrid (E4M3 forward, E5M2 gradients; the
+    usual choice). Every GEMM of both block types runs in FP8 except GDN's tiny ab_proj and the
+    LM head (docs/training.md, "FP8")."""
     fp8_recipe: str | None = None
-    """delayed | tensorwise | ... (see fp8_format)."""
+    """How FP8 scales are chosen (TE recipe; None = delayed): delayed (DelayedScaling: per-tensor
+    scale from an amax history) | tensorwise (Float8CurrentScaling: per-tensor scale from the
+    current tensor) | blockwise (Float8BlockScaling: 1x128 / 128x128 blocks, Hopper with CUDA
+    >= 12.9) | mxfp8 (MXFP8BlockScaling: Blackwell only, refused on Hopper)."""
+    fp8_margin: int = 0
+    """Delayed scaling: scale = 2^-margin x FP8 max / amax (>= 0)."""
+    fp8_amax_history_len: int = 1
+    """Delayed scaling: amax history length per tensor (>= 1)."""
+    fp8_amax_compute_algo: str = "most_recent"
+    """Delayed scaling: max | most_recent amax of the history."""
+    first_last_layers_bf16: bool = False
+    """Keep the first ``num_layers_at_start_in_bf16`` and last ``num_layers_at_end_in_bf16``
+    blocks entirely in bf16 under FP8 (not with the delayed recipe: TE reduces its amaxes per
+    autocast region, megatron refuses the mix)."""
+    num_layers_at_start_in_bf16: int = 1
+    """Blocks (mixer + MLP) at the start kept in bf16 with ``first_last_layers_bf16`` (>= 0)."""
+    num_layers_at_end_in_bf16: int = 1
+    """Blocks (mixer + MLP) at the end kept in bf16 with ``first_last_layers_bf16`` (>= 0)."""
+    fp8_param_gather: bool = False
+    """Keep the FP8 GEMMs' weights in FP8 (TE quantized parameters) and all-gather them in FP8
+    in the distributed optimizer (megatron's --fp8-param-gather); needs
+    --use-distributed-optimizer."""
     gradient_accumulation_fusion: bool = True
     """Transformer Engine linears write weight gradients straight into the fp32 main-grad
     buffer (no bf16 wgrad tensor + add). te spec on GPU only; megatron's own lm-head linear
@@ -214,6 +238,10 @@ NUMERIC_RULES: dict[str, str] = {
     "train.eval_iters": _AT_LEAST_1,
     "train.save_interval": _AT_LEAST_1,
     "train.max_consecutive_nan": _AT_LEAST_1,
+    "train.fp8_margin": _AT_LEAST_0,
+    "train.fp8_amax_history_len": _AT_LEAST_1,
+    "train.num_layers_at_start_in_bf16": _AT_LEAST_0,
+    "train.num_layers_at_end_in_bf16": _AT_LEAST_0,
 }
 
 
@@ -312,6 +340,109 @@ def check_optimizer_dtypes(run) -> None:
         )
 
 
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+FP8_NEEDS_TE = "FP8 needs --spec te and Transformer Engine on a GPU"
+
+
+def fp8_recipe(run) -> str | None:
+    """The run's FP8 recipe name (None = no FP8); ``--fp8-recipe`` defaults to delayed."""
+    t = run.train
+    return (t.fp8_recipe or "delayed") if t.fp8_format else None
+
+
+def fp8_bf16_blocks(run) -> set[int]:
+    """Indices of the blocks kept in bf16 by ``--first-last-layers-bf16`` (empty without)."""
+    t, n = run.train, run.model.num_layers
+    if not (t.fp8_format and t.first_last_layers_bf16):
+        return set()
+    return set(range(min(t.num_layers_at_start_in_bf16, n))) | set(
+        range(max(n - t.num_layers_at_end_in_bf16, 0), n)
+    )
+
+
+def fp8_align(recipe: str) -> int:
+    """Width every FP8 GEMM dimension must be a multiple of (megatron's get_fp8_align_size)."""
+    return 32 if recipe == "mxfp8" else 16
+
+
+def check_fp8(run) -> None:
+    """The FP8 flags as errors before anything is built: known names, the options that only mean
+    something with --fp8-format, the te spec, the distributed optimizer for --fp8-param-gather,
+    megatron's rules for bf16 first/last blocks, and every FP8 GEMM width (and the tokens per
+    micro-batch) divisible by TE's alignment. What needs the GPU (TE importable, the recipe
+    supported by this device) is checked at setup by ``preflight.check_fp8_environment``."""
+    t, p, m = run.train, run.parallel, run.model
+    if not t.fp8_format:
+        for name, flag in (
+            ("fp8_recipe", "--fp8-recipe"),
+            ("fp8_param_gather", "--fp8-param-gather"),
+            ("first_last_layers_bf16", "--first-last-layers-bf16"),
+        ):
+            if getattr(t, name):
+                raise ConfigError(f"{flag} needs --fp8-format (e4m3 or hybrid)")
+        return
+    if t.fp8_format not in FP8_FORMATS:
+        raise _bad("train.fp8_format", t.fp8_format, f"one of {', '.join(FP8_FORMATS)}")
+    recipe = fp8_recipe(run)
+    if recipe not in FP8_RECIPES:
+        raise _bad("train.fp8_recipe", t.fp8_recipe, f"one of {', '.join(FP8_RECIPES)}")
+    if t.fp8_amax_compute_algo not in FP8_AMAX_ALGOS:
+        raise _bad(
+            "train.fp8_amax_compute_algo", t.fp8_amax_compute_algo, " or ".join(FP8_AMAX_ALGOS)
+        )
+    if t.spec == "local":
+        raise ConfigError(f"--fp8-format {t.fp8_format} with --spec local: {FP8_NEEDS_TE}")
+    if t.precision == "fp32":
+        raise ConfigError(
+            f"--fp8-format {t.fp8_format} with --fp32: FP8 training keeps bf16 weights and "
+            "activations around the FP8 GEMMs (use --bf16 or the default precision)"
+        )
+    if t.fp8_param_gather and not p.distributed_optimizer:
+        raise ConfigError(
+            "--fp8-param-gather needs --use-distributed-optimizer (megatron keeps the FP8 "
+            "weights' high-precision master copy in the sharded optimizer)"
+        )
+    if t.first_last_layers_bf16:
+        if recipe == "delayed":
+            raise ConfigError(
+                "--first-last-layers-bf16 does not work with --fp8-recipe delayed (TE reduces "
+                "delayed-scaling amaxes per autocast region; megatron refuses the mix): use "
+                "tensorwise or blockwise"
+            )
+        per_stage = m.num_layers // p.pipeline
+        for name in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
+            if getattr(t, name) > per_stage:
+                raise _bad(
+                    f"train.{name}",
+                    getattr(t, name),
+                    f"<= the blocks per pipeline stage ({per_stage})",
+                )
+        if len(fp8_bf16_blocks(run)) >= m.num_layers:
+            raise ConfigError(
+                f"--first-last-layers-bf16 with {t.num_layers_at_start_in_bf16} + "
+                f"{t.num_layers_at_end_in_bf16} bf16 blocks leaves none of the "
+                f"{m.num_layers} blocks in FP8"
+            )
+    align = fp8_align(recipe)
+    problems = m.fp8_alignment_problems(p.tensor, align)
+    if problems:
+        raise ConfigError(
+            f"--fp8-format: Transformer Engine's FP8 GEMMs need every width divisible by {align}, "
+            f"and these are not at TP {p.tensor}: {'; '.join(problems)}. Choose widths (head "
+            "counts/dims, hidden or intermediate size) whose per-rank products are multiples of "
+            f"{align}; no GEMM is silently run in bf16 instead"
+        )
+    tokens = t.micro_batch_size * run.data.seq_length // p.context
+    if tokens % align:
+        raise ConfigError(
+            f"--fp8-format: the tokens of one micro-batch per context-parallel rank (micro-batch "
+            f"{t.micro_batch_size} x seq {run.data.seq_length} / CP {p.context} = {tokens}) must "
+            f"be a multiple of {align} for Transformer Engine's FP8 GEMMs"
+        )
+
+
 def check_split(split: str) -> list[float]:
     """``99,1,0`` (or ``99/1/0``) -> weights; up to three non-negative numbers with a positive
     train weight (megatron's parser would skip what it cannot read and divide by a zero sum)."""
@@ -400,8 +531,7 @@ class RunConfig:
                 f"{m.max_position_embeddings} (model.max_position_embeddings, the positions this "
                 "RoPE model is built for): raise it or train shorter sequences"
             )
-        if t.fp8_format or t.fp8_recipe:
-            raise ConfigError("fp8_format/fp8_recipe: FP8 training is not supported yet")
+        check_fp8(self)
         if self.optim.decay_style.lower() not in ("cosine", "linear", "wsd", "constant"):
             raise ConfigError(
                 f"decay_style={self.optim.decay_style!r}: use cosine, linear, WSD or constant"

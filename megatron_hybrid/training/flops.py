@@ -68,3 +68,52 @@ def device_peak_tflops() -> float | None:
         if key in name:
             return PEAK_BF16_TFLOPS[key]
     return None
+
+
+def gemm_precision_split(
+    cfg: OlmoHybridConfig, seq_len: int, bf16_blocks=frozenset(), fp8: bool = True
+) -> dict:
+    """Where the step's weight-GEMM FLOPs run under ``--fp8-format`` (te spec): one row per GEMM
+    of a block kind (``OlmoHybridConfig.gemms``) with its training FLOPs per token in FP8 and in
+    bf16 (GDN's ab_proj and the LM head stay bf16 by design; blocks in ``bf16_blocks`` — from
+    ``--first-last-layers-bf16`` — run all their GEMMs in bf16), the totals, and the FP8 share of
+    the GEMM FLOPs and of the whole step (``flops_per_token``'s total, which adds the attention
+    and GDN cores and the conv; those never run in FP8). ``fp8=False``: everything bf16."""
+    kinds = cfg.gemms(1)
+    rows = []
+    for kind in (GDN_BLOCK, ATTENTION_BLOCK, "mlp", "output"):
+        if kind == "output":
+            blocks = [0]
+        elif kind == "mlp":
+            blocks = list(range(cfg.num_layers))
+        else:
+            blocks = [i for i, t in enumerate(cfg.block_types) if t == kind]
+        if not blocks:
+            continue
+        for g in kinds[kind]:
+            n_fp8 = 0 if not (fp8 and g.fp8) else sum(1 for i in blocks if i not in bf16_blocks)
+            n_bf16 = len(blocks) - n_fp8
+            per = 6.0 * g.weights
+            rows.append(
+                dict(
+                    name=f"{kind} {g.name}",
+                    rows=g.rows,
+                    cols=g.cols,
+                    fp8_layers=n_fp8,
+                    bf16_layers=n_bf16,
+                    fp8_flops=per * n_fp8,
+                    bf16_flops=per * n_bf16,
+                    note=g.note,
+                )
+            )
+    fp8_total = sum(r["fp8_flops"] for r in rows)
+    gemm_total = fp8_total + sum(r["bf16_flops"] for r in rows)
+    step_total = flops_per_token(cfg, seq_len)["total"]
+    return dict(
+        gemms=rows,
+        fp8_flops=fp8_total,
+        gemm_flops=gemm_total,
+        step_flops=step_total,
+        fp8_share_of_gemms=fp8_total / gemm_total,
+        fp8_share_of_step=fp8_total / step_total,
+    )

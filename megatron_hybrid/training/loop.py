@@ -35,7 +35,7 @@ from megatron_hybrid.training.model_setup import (
     transformer_config,
 )
 from megatron_hybrid.training.optimizer_step import step_if_finite
-from megatron_hybrid.training.preflight import check_context_parallel
+from megatron_hybrid.training.preflight import check_context_parallel, check_fp8_environment
 
 
 class TrainingStopped(RuntimeError):
@@ -80,6 +80,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         run.validate(world)
         check_context_parallel(run)
+        check_fp8_environment(run)
         ckpt.check_save_target(run.train.save)  # not after the first interval
         tok, vocab, self.eod = resolve_vocab(run, p.tensor)
         self.tokenizer = tok

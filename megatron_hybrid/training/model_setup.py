@@ -7,7 +7,7 @@ import torch
 from megatron_hybrid import mcore
 from megatron_hybrid.data.batches import samples_after_steps
 from megatron_hybrid.models.olmo_hybrid.model import build_model, default_flavour
-from megatron_hybrid.training.config import check_schedule
+from megatron_hybrid.training.config import check_schedule, fp8_recipe
 
 
 def params_dtype(run) -> torch.dtype:
@@ -31,6 +31,31 @@ def transformer_config(run):
         # so every parallel layout optimises exactly the same objective.
         calculate_per_token_loss=True,
         deterministic_mode=run.train.deterministic,
+        **fp8_fields(run),
+    )
+
+
+def fp8_fields(run) -> dict:
+    """megatron-core's TransformerConfig FP8 fields for the run (empty without --fp8-format).
+    megatron counts *sub-layers* (a block is a mixer and an MLP sub-layer, HybridStack's
+    ``layer_number``), our bf16 first/last counts are blocks: hence the factor 2. megatron's
+    HybridStack then enters TE's autocast (``fp8_utils.get_fp8_context``) around the whole stack
+    for the delayed recipe and around every FP8 sub-layer otherwise; the LM head runs after it,
+    in bf16."""
+    t = run.train
+    recipe = fp8_recipe(run)
+    if recipe is None:
+        return {}
+    return dict(
+        fp8=t.fp8_format,
+        fp8_recipe=recipe,
+        fp8_margin=t.fp8_margin,
+        fp8_amax_history_len=t.fp8_amax_history_len,
+        fp8_amax_compute_algo=t.fp8_amax_compute_algo,
+        fp8_param=t.fp8_param_gather,
+        first_last_layers_bf16=t.first_last_layers_bf16,
+        num_layers_at_start_in_bf16=2 * t.num_layers_at_start_in_bf16,
+        num_layers_at_end_in_bf16=2 * t.num_layers_at_end_in_bf16,
     )
 
 
@@ -73,6 +98,7 @@ def build_model_chunks(run, tcfg):
             overlap_grad_reduce=False,
             use_distributed_optimizer=run.parallel.distributed_optimizer,
             check_for_nan_in_grad=False,
+            fp8_param_gather=bool(run.train.fp8_format and run.train.fp8_param_gather),
         )
         model = mcore.DistributedDataParallel(config=tcfg, ddp_config=ddp_cfg, module=model)
         model.vp_stage = vp_stage if vp else None

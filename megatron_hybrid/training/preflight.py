@@ -6,7 +6,7 @@ from __future__ import annotations
 from megatron_hybrid import mcore
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError
 from megatron_hybrid.parallel.context import check_layout
-from megatron_hybrid.training.config import check_schedule
+from megatron_hybrid.training.config import FP8_NEEDS_TE, check_schedule, fp8_recipe
 
 
 def preflight(run, world_size: int) -> None:
@@ -18,6 +18,7 @@ def preflight(run, world_size: int) -> None:
 
     run.validate(world_size, require_data=False)
     check_context_parallel(run, dry_run=True)
+    check_fp8_environment(run, dry_run=True)
     check_schedule(run)
     _, vocab, _ = resolve_vocab(run, run.parallel.tensor)
     if vocab != run.model.vocab_size:
@@ -61,3 +62,40 @@ def check_context_parallel(run, dry_run: bool = False) -> None:
                 f"context parallel size {p.context} with the 'te' layer spec: Transformer Engine "
                 f"is not usable here ({e}); without it CP needs the local layer spec (--spec local)"
             ) from e
+
+
+def check_fp8_environment(run, dry_run: bool = False) -> None:
+    """What ``--fp8-format`` needs of this machine, before any process group or model exists:
+    the te layer spec with Transformer Engine on a CUDA device, and a GPU on which TE runs the
+    chosen recipe (TE's own ``check_*_support``; MXFP8 needs compute capability 10.x, so it is
+    refused on Hopper). ``--dry-run`` plans GPU jobs on hosts without either: it skips these."""
+    from megatron_hybrid.models.olmo_hybrid.model import default_flavour
+
+    recipe = fp8_recipe(run)
+    if recipe is None or dry_run:
+        return
+    import torch
+
+    t = run.train
+    flavour = default_flavour() if t.spec == "auto" else t.spec
+    if flavour != "te" or not torch.cuda.is_available():
+        where = "no CUDA device" if not torch.cuda.is_available() else f"layer spec {flavour}"
+        raise ConfigError(f"--fp8-format {t.fp8_format}: {FP8_NEEDS_TE} ({where})")
+    try:
+        mcore.te_modules()
+    except (ImportError, RuntimeError) as e:
+        raise ConfigError(f"--fp8-format {t.fp8_format}: {FP8_NEEDS_TE} ({e})") from None
+    ok, reason = mcore.fp8_recipe_support(recipe)
+    if not ok:
+        major, minor = torch.cuda.get_device_capability()
+        hint = (
+            " MXFP8 needs Blackwell (compute capability 10.x); on Hopper use delayed, "
+            "tensorwise or blockwise."
+            if recipe == "mxfp8"
+            else ""
+        )
+        raise ConfigError(
+            f"--fp8-recipe {recipe} ({mcore.FP8_RECIPE_CLASSES[recipe]}) is not supported on "
+            f"this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}): "
+            f"{reason}.{hint}"
+        )

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import json
 
-from megatron_hybrid.training.flops import flops_per_token
+from megatron_hybrid.training.config import fp8_bf16_blocks, fp8_recipe
+from megatron_hybrid.training.flops import flops_per_token, gemm_precision_split
+
+# megatron's --fp8-recipe names -> Transformer Engine recipe classes
+_TE_RECIPES = {
+    "delayed": "DelayedScaling",
+    "tensorwise": "Float8CurrentScaling",
+    "blockwise": "Float8BlockScaling",
+    "mxfp8": "MXFP8BlockScaling",
+}
 
 
 def describe(
@@ -62,4 +71,51 @@ def describe(
     for k, v in fl.items():
         if k != "total":
             lines.append(f"  {k:<22} {v:.4e}  ({100.0 * v / fl['total']:5.1f}%)")
+    lines += fp8_lines(run)
     return "\n".join(lines)
+
+
+def fp8_lines(run) -> list[str]:
+    """The FP8 plan: recipe, which GEMMs run in FP8 and which stay bf16 (and why), and the FP8
+    share of the step's GEMM FLOPs (training/flops.py). Empty without ``--fp8-format``."""
+    recipe = fp8_recipe(run)
+    if recipe is None:
+        return []
+    t, m = run.train, run.model
+    bf16_blocks = fp8_bf16_blocks(run)
+    scaling = (
+        f", margin {t.fp8_margin}, amax history {t.fp8_amax_history_len} "
+        f"({t.fp8_amax_compute_algo})"
+        if recipe == "delayed"
+        else ""
+    )
+    lines = [
+        f"FP8: format {t.fp8_format}, recipe {recipe} (Transformer Engine "
+        f"{_TE_RECIPES[recipe]}{scaling}) | FP8 weights + param all-gather "
+        f"{'on' if t.fp8_param_gather else 'off'} | bf16 blocks: "
+        + (", ".join(str(i) for i in sorted(bf16_blocks)) if bf16_blocks else "none")
+    ]
+    split = gemm_precision_split(m, run.data.seq_length, bf16_blocks)
+    lines.append(
+        f"  {'GEMM (widths at TP 1: out x in)':<52} {'FP8':>4} {'bf16':>4} "
+        f"{'FP8 FLOPs/tok':>13} {'bf16 FLOPs/tok':>14}"
+    )
+    notes = []
+    for r in split["gemms"]:
+        label = f"{r['name']} ({r['rows']} x {r['cols']})"
+        lines.append(
+            f"  {label:<52} {r['fp8_layers']:>4} {r['bf16_layers']:>4} "
+            f"{r['fp8_flops']:>13.4e} {r['bf16_flops']:>14.4e}"
+        )
+        if r["note"]:
+            notes.append(f"  {r['name']}: {r['note']}")
+    lines.append(
+        f"  FP8 share: {100.0 * split['fp8_share_of_gemms']:.1f}% of the GEMM FLOPs, "
+        f"{100.0 * split['fp8_share_of_step']:.1f}% of the step's FLOPs"
+    )
+    lines += notes
+    lines.append(
+        "  never FP8 (not GEMMs of weights): GDN conv, GDN recurrence (no FP8 GDN core exists), "
+        "decay/beta math, norms, attention core (TE attention in bf16), embedding, loss"
+    )
+    return lines

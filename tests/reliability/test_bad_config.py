@@ -99,8 +99,8 @@ def test_bad_number_in_the_real_run_is_one_line(tmp_path):
         # the real run refuses these in Trainer.setup / the model build; --dry-run used to pass
         (["--pipeline-model-parallel-size", "3", "--world-size", "3"],
          "8 blocks cannot be split evenly into 3 pipeline segments"),
-        (["--fp8-format", "e4m3"], "FP8 training is not supported yet"),
-        (["--fp8-recipe", "delayed"], "FP8 training is not supported yet"),
+        (["--fp8-format", "e4m3", "--spec", "local"], "FP8 needs --spec te and Transformer Engine"),
+        (["--fp8-recipe", "delayed"], "--fp8-recipe needs --fp8-format"),
         (["--hybrid-layer-pattern", "G-G-|G-*-", "--pipeline-model-parallel-size", "3",
           "--world-size", "3"], "hybrid layer pattern has 2 pipeline segments"),
         (["--spec", "fancy"], "--spec 'fancy': use auto, te or local"),

@@ -188,6 +188,15 @@ def test_pretrain_command_line_and_bad_layout():
     assert nodata.returncode == 2 and "no training data" in nodata.stderr
 
 
+def test_pretrain_fp8_setting_adds_the_flags():
+    proc = _dry_run("pretrain.sbatch", DATA="mock", FP8="tensorwise")
+    assert proc.returncode == 0, proc.stderr
+    assert "| FP8 tensorwise |" in proc.stdout
+    assert "--fp8-format hybrid --fp8-recipe tensorwise" in proc.stdout
+    off = _dry_run("pretrain.sbatch", DATA="mock")
+    assert "| FP8 off |" in off.stdout and "--fp8-format" not in off.stdout
+
+
 FAKE_LAUNCH = """
 import multiprocessing as mp, os, signal, subprocess, sys, time
 out = sys.argv[2]

@@ -18,6 +18,33 @@ from megatron_hybrid.errors import ConfigError  # noqa: F401  (re-exported: call
 GDN_BLOCK, ATTENTION_BLOCK = "gdn", "attention"
 _SYMBOL = {GDN_BLOCK: "G", ATTENTION_BLOCK: "*"}
 
+FP8_ALIGN = 16
+"""Transformer Engine's FP8 GEMMs need both widths of every weight (and the token count) divisible
+by 16 (32 for MXFP8): ``te.pytorch.utils.assert_dim_for_fp8_exec`` plus the transposed operands
+of the backward."""
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One weight GEMM of a block, with its widths on one tensor-parallel rank."""
+
+    name: str
+    """Module path inside the block, e.g. ``self_attention.in_proj`` (GDN) or ``mlp.linear_fc1``."""
+    block: str
+    """gdn | attention | mlp | output (the LM head)."""
+    rows: int
+    """Output features per TP rank."""
+    cols: int
+    """Input features per TP rank (the GEMM's reduction width)."""
+    fp8: bool
+    """Runs in FP8 under ``--fp8-format`` (te spec) unless its block is kept in bf16."""
+    note: str = ""
+    """Why it stays in bf16 (for the ones that do)."""
+
+    @property
+    def weights(self) -> int:
+        return self.rows * self.cols
+
 
 @dataclass
 class OlmoHybridConfig:
@@ -239,6 +266,69 @@ class OlmoHybridConfig:
 
     def num_params(self) -> int:
         return sum(self.num_params_by_type().values())
+
+    # ---- GEMMs (FP8 planning) ----------------------------------------------------------------
+    def gemms(self, tensor_parallel: int = 1) -> dict[str, list[Gemm]]:
+        """The weight GEMMs of each block kind (``gdn``, ``attention``, ``mlp``, ``output``) with
+        their widths on one TP rank, and whether each runs in FP8 under the te spec. GDN's
+        ``in_proj`` is one GEMM grouped per head ``[q|k|v|g]`` (layers/gdn.py), so its width is
+        heads x (2K + 2V): 17280 at Olmo-7B widths, a multiple of 16, where upstream's fused
+        [q,k,v,z,beta,alpha] width 17340 is not. The tiny ``ab_proj`` (2 x heads rows) feeding the
+        decay and beta stays in bf16 by design, as does the LM head (megatron's own linear)."""
+        tp = tensor_parallel
+        D, F = self.hidden_size, self.intermediate_size
+        H, K, V = self.gdn_num_heads // tp, self.gdn_head_k_dim, self.gdn_head_v_dim
+        n_q, n_kv, d = self.num_attention_heads // tp, self.num_key_value_heads // tp, self.head_dim
+        return {
+            GDN_BLOCK: [
+                Gemm("self_attention.in_proj", GDN_BLOCK, H * (2 * K + 2 * V), D, True),
+                Gemm(
+                    "self_attention.ab_proj",
+                    GDN_BLOCK,
+                    2 * H,
+                    D,
+                    False,
+                    "bf16 by design: feeds the decay exp(-A softplus(a + dt_bias)) and beta, "
+                    "precision-sensitive; 2 x heads rows (cannot be FP8-aligned)",
+                ),
+                Gemm("self_attention.out_proj", GDN_BLOCK, D, H * V, True),
+            ],
+            ATTENTION_BLOCK: [
+                Gemm("self_attention.linear_qkv", ATTENTION_BLOCK, (n_q + 2 * n_kv) * d, D, True),
+                Gemm("self_attention.linear_proj", ATTENTION_BLOCK, D, n_q * d, True),
+            ],
+            "mlp": [
+                Gemm("mlp.linear_fc1", "mlp", 2 * F // tp, D, True),
+                Gemm("mlp.linear_fc2", "mlp", D, F // tp, True),
+            ],
+            "output": [
+                Gemm(
+                    "output_layer",
+                    "output",
+                    self.vocab_size // tp,
+                    D,
+                    False,
+                    "LM head in bf16: megatron's ColumnParallelLinear, outside the FP8 region",
+                )
+            ],
+        }
+
+    def fp8_alignment_problems(self, tensor_parallel: int = 1, align: int = FP8_ALIGN) -> list:
+        """Every FP8 GEMM width (per TP rank) not divisible by ``align``, as readable strings
+        naming the layer and the width; empty when the model is FP8-aligned."""
+        out = []
+        for kind, gemms in self.gemms(tensor_parallel).items():
+            if kind == GDN_BLOCK and GDN_BLOCK not in self.block_types:
+                continue
+            if kind == ATTENTION_BLOCK and ATTENTION_BLOCK not in self.block_types:
+                continue
+            for g in gemms:
+                if not g.fp8:
+                    continue
+                for what, width in (("output rows", g.rows), ("input width", g.cols)):
+                    if width % align:
+                        out.append(f"{kind} {g.name}: {what} {width} per TP rank")
+        return out
 
     # ---- megatron-core -----------------------------------------------------------------------
     def transformer_config(

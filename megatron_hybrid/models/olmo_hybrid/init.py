@@ -73,4 +73,11 @@ def initialize_weights(model, cfg: OlmoHybridConfig, seed: int) -> None:
         device = param.device
         gen = torch.Generator(device=device).manual_seed(_seed_for(seed, gname))
         full = init_full(gname, full_shape(name, param, tp_size), cfg, gen, device)
-        param.copy_(shard_tensor(name, full, param, tp_rank, tp_size).to(param.dtype))
+        value = shard_tensor(name, full, param, tp_rank, tp_size)
+        param.copy_(value.to(param.dtype))
+        hp = getattr(param, "_high_precision_init_val", None)
+        if hp is not None:
+            # FP8 parameters (--fp8-param-gather): TE kept the value from before quantisation,
+            # captured at construction (before this init), and megatron's distributed optimizer
+            # seeds the fp32 master weights from it: give it this init instead.
+            param._high_precision_init_val = value.to(device=hp.device, dtype=hp.dtype)
