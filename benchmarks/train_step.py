@@ -254,12 +254,15 @@ def _ours_cmd(args, *extra):
     return cmd + list(extra)
 
 
-def orchestrate(args) -> dict:
+def orchestrate(args, save=lambda results, logs: None) -> dict:
+    """Run the sides in order; ``save`` is called after each (a killed run keeps what it has)."""
     sides = args.sides.split(",")
     results: dict = {}
     peers = Path(args.peers)
     logs = {}
-    for side in sides:
+    for i, side in enumerate(sides):
+        if i:
+            save(results, logs)
         print(f"side {side} ...", file=sys.stderr, flush=True)
         if side == "ours":
             extra = ["--profile"] if args.profile_ours else []
@@ -424,23 +427,33 @@ def main(argv=None):
         out.write_text(json.dumps(res, indent=1))
         return 0
     t0 = time.time()
-    done = orchestrate(args)
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {}
-    merged_results = {**old.get("results", {}), **done["results"]}
-    record = {
-        **{k: v for k, v in old.items() if k not in ("results",)},
-        **summarise(merged_results),
-        "results": merged_results,
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
-        "versions": _versions(),
-        "wall_s": round(time.time() - t0),
-    }
-    path.write_text(json.dumps(record, indent=1))
     logdir = Path(os.environ.get("OUT", path.parent))
     logdir.mkdir(parents=True, exist_ok=True)
-    (logdir / "train_step_logs.json").write_text(json.dumps(done["logs"], indent=1))
+
+    def save(results, logs):
+        merged = {**old.get("results", {}), **results}
+        record = {
+            **{k: v for k, v in old.items() if k != "results"},
+            **summarise(merged),
+            "results": merged,
+            "command": "python "
+            + " ".join([os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])]),
+            "versions": _versions(),
+            "wall_s": round(time.time() - t0),
+        }
+        path.write_text(json.dumps(record, indent=1))
+        (logdir / "train_step_logs.json").write_text(json.dumps(logs, indent=1))
+        if logdir != path.parent:
+            (logdir / path.name).write_text(json.dumps(record, indent=1))
+        for name, r in results.items():
+            print(f"RESULT-{name} {json.dumps(r)[:600]}", file=sys.stderr, flush=True)
+        return merged
+
+    done = orchestrate(args, save)
+    merged_results = save(done["results"], done["logs"])
     if isinstance(done["results"].get("ours"), dict) and "profile" in done["results"]["ours"]:
         print_profile(done["results"]["ours"]["profile"])
     print(table(merged_results))
