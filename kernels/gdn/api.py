@@ -139,7 +139,8 @@ def chunk_gated_delta_rule(
         backend: ``"auto"``, ``"torch"`` (chunked PyTorch), ``"naive"`` (float64 reference),
             ``"triton"`` (ours: :mod:`.triton_chunk`; CUDA, or CPU with ``TRITON_INTERPRET=1``)
             or ``"fla"`` (flash-linear-attention). ``"auto"`` picks ``"triton"`` on CUDA (and on
-            CPU under ``TRITON_INTERPRET=1``) when ``16 <= K, V <= 256``, else ``"torch"``.
+            CPU under ``TRITON_INTERPRET=1``) when ``16 <= K, V <= 256`` (``K >= 32`` for 16-bit
+            inputs on CUDA: a known fault), else ``"torch"``.
         save_intermediates: ``"triton"`` only (the others ignore it): keep the forward's chunk
             intermediates (W, u, per-chunk states) for the backward instead of recomputing them,
             for identical gradients. A speed-for-memory trade like activation recomputation in
@@ -153,11 +154,20 @@ def chunk_gated_delta_rule(
     if backend not in BACKENDS:
         raise ValueError(f"unknown GDN backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    K, V = q.shape[-1], v.shape[-1]
+    # Our Triton kernels are wrong at K < 32 with 16-bit inputs on CUDA (H200, 2026-12-04:
+    # o rel. error 1.2 at K = 16 bf16; fp32 and K >= 32 are right; docs/kernels.md): never
+    # run them there. "auto" takes the chunked torch path instead; asking for them is an error.
+    bad_triton = q.is_cuda and K < 32 and q.dtype in (torch.bfloat16, torch.float16)
     if backend == "auto":
         # ours on CUDA (and on CPU under Triton's interpreter, as CI tests it), else chunked torch
-        K, V = q.shape[-1], v.shape[-1]
-        fits = 16 <= K <= 256 and 16 <= V <= 256
+        fits = 16 <= K <= 256 and 16 <= V <= 256 and not bad_triton
         backend = "triton" if fits and (q.is_cuda or _triton_interpreting()) else "torch"
+    elif backend == "triton" and bad_triton:
+        raise ValueError(
+            f"the triton GDN backend is wrong at key head dim {K} < 32 with {q.dtype} on CUDA "
+            "(a known fault, docs/kernels.md): use backend 'auto' or 'torch', fp32, or K >= 32"
+        )
 
     kwargs = dict(
         scale=scale,

@@ -49,7 +49,9 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_layout(cu: list[int], H: int, K: int, V: int, dtype, seed: int = 0) -> dict[str, float]:
+def run_layout(
+    cu: list[int], H: int, K: int, V: int, dtype, seed: int = 0, backend: str = "triton"
+) -> dict[str, float]:
     T = cu[-1]
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -62,7 +64,7 @@ def run_layout(cu: list[int], H: int, K: int, V: int, dtype, seed: int = 0) -> d
     ins = [t.to(dtype).requires_grad_() for t in (q, k, v, g, beta)]
     cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
     o, _ = chunk_gated_delta_rule(
-        *ins, scale=K**-0.5, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True, backend="triton"
+        *ins, scale=K**-0.5, cu_seqlens=cu_t, use_qk_l2norm_in_kernel=True, backend=backend
     )
     do = randn(*o.shape).to(dtype)
     grads = torch.autograd.grad(o, ins, do)
@@ -98,10 +100,22 @@ def test_triton_gdn_on_fuzzed_packed_layouts():
 
 
 def test_triton_gdn_k16_bf16_known_wrong():
+    """The fault itself (kept visible until fixed): with the guard below, asking for our Triton
+    kernels there is a ValueError, so this test bypasses nothing and stays xfail."""
     if pytest is not None:
         pytest.xfail("our Triton GDN kernels are wrong at K = 16 in bf16 on the H200")
     errs = run_layout([0, 256], *K16, torch.bfloat16)
     assert all(e <= TOL[torch.bfloat16] for e in errs.values()), errs
+
+
+def test_auto_backend_is_right_at_k16_bf16():
+    """The guard: 'auto' takes the chunked torch path at K < 32 in bf16 on CUDA (the tiny preset
+    trains correctly on a GPU), and 'triton' is refused there with the reason."""
+    for cu in ([0, 256], [0, 63, 64, 65, 127, 128, 256]):
+        errs = run_layout(cu, *K16, torch.bfloat16, backend="auto")
+        assert all(e <= TOL[torch.bfloat16] for e in errs.values()), (cu, errs)
+    with pytest.raises(ValueError, match="key head dim 16 < 32"):
+        run_layout([0, 256], *K16, torch.bfloat16, backend="triton")
 
 
 def survey(n: int = 256) -> None:
