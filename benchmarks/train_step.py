@@ -288,7 +288,10 @@ def orchestrate(args, save=lambda results, logs: None) -> dict:
                     cmd += ["--pattern", pat]
                 results[name], logs[name] = _run(cmd)
         elif side == "upstream":
-            for name, pat in (("upstream", "G-G-G-*-G-G-G-*-"), ("upstream_attention", ATTENTION)):
+            pats = [("upstream", "G-G-G-*-G-G-G-*-")]
+            if args.upstream_attention:
+                pats.append(("upstream_attention", ATTENTION))
+            for name, pat in pats:
                 cmd = [sys.executable, str(peers / "hybrid_step.py"), pat, "bf16"]
                 results[name], logs[name] = _run(cmd, {"SEQ": str(args.seq)})
         elif side == "olmo_core":
@@ -401,6 +404,11 @@ def main(argv=None):
     ap.add_argument("--json", default=str(RESULTS / "train_step_h200.json"))
     ap.add_argument("--profile", action="store_true", help="our step's time by module")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument(
+        "--upstream-attention",
+        action="store_true",
+        help="'upstream' also runs megatron-core's all-attention model",
+    )
     ap.add_argument(
         "--profile-ours", action="store_true", help="the 'ours' side also profiles its step"
     )
