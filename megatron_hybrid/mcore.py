@@ -44,6 +44,7 @@ from megatron.core.packed_seq_params import PackedSeqParams  # noqa: F401
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: F401
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: F401
 from megatron.core.tensor_parallel import (  # noqa: F401
+    CheckpointWithoutOutput,
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,

@@ -37,6 +37,7 @@ def describe(
             else ""
         )
     )
+    lines.append(f"activation recompute: {run.recompute.describe()}")
     lines.append(
         f"model: {run.preset} | pattern {m.layer_pattern()} | vocab {m.vocab_size} | "
         f"RoPE {m.rope_theta if m.rope_theta else 'none (NoPE)'}"
