@@ -9,13 +9,16 @@ parts ran (forward hooks / call counters: a recomputed part runs twice per step)
 autograd keeps saved after the forward. Prints one JSON object per line:
 ``{"name", "loss", "max_grad_diff", "calls", "saved_bytes"}``.
 
-    python -m tests.training.recompute_check [--backend torch|triton] [--pattern G-*-G-*-]
+    python -m tests.training.recompute_check [--backend torch|triton] [--pattern G-*-G-G-]
+        [--seq 48] [--cases NAME ...] [--model model.FIELD=VALUE ...]
+    TRITON_INTERPRET=1 python -m tests.training.recompute_check --triton
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -45,7 +48,6 @@ CASES = {
     "selective_all": ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
                       "gdn", "mlp", "layernorm"],
 }  # fmt: skip
-SEQ, DOCS = 48, [0, 20, 48]
 
 
 class Counter:
@@ -76,9 +78,9 @@ class Counter:
         return hook
 
 
-def run_case(flags, backend, pattern):
-    argv = ["--preset", "tiny", "--seq-length", str(SEQ), "--hybrid-layer-pattern", pattern]
-    argv += ["--fp32", f"model.gdn_backend={backend}", *flags]
+def run_case(flags, backend, pattern, seq, model_overrides):
+    argv = ["--preset", "tiny", "--seq-length", str(seq), "--hybrid-layer-pattern", pattern]
+    argv += ["--fp32", f"model.gdn_backend={backend}", *model_overrides, *flags]
     run, _ = parse(argv)
     run.validate(1, require_data=False)
     tcfg = transformer_config(run)
@@ -101,10 +103,11 @@ def run_case(flags, backend, pattern):
 
     gdn_mod.chunk_gated_delta_rule = counting_kernel
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, run.model.vocab_size, (1, SEQ), generator=gen)
-    weights = torch.randn(1, SEQ, run.model.vocab_size, generator=gen)
-    psp = packed_seq_params(torch.tensor(DOCS, dtype=torch.int32), SEQ)
-    pos = torch.arange(SEQ).unsqueeze(0)
+    tokens = torch.randint(0, run.model.vocab_size, (1, seq), generator=gen)
+    weights = torch.randn(1, seq, run.model.vocab_size, generator=gen)
+    docs = [0, seq * 5 // 12, seq]
+    psp = packed_seq_params(torch.tensor(docs, dtype=torch.int32), seq)
+    pos = torch.arange(seq).unsqueeze(0)
 
     saved = []
 
@@ -115,7 +118,7 @@ def run_case(flags, backend, pattern):
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(tokens, pos, None, packed_seq_params=psp)  # [b, s, V]
-            loss = (logits.float().log_softmax(-1) * weights).sum() / SEQ
+            loss = (logits.float().log_softmax(-1) * weights).sum() / seq
         storages = {}
         for t in saved:
             st = t.untyped_storage()
@@ -130,22 +133,27 @@ def run_case(flags, backend, pattern):
     return float(loss), grads, counter.calls, saved_bytes
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--pattern", default="G-*-G-G-")
-    ap.add_argument("--cases", nargs="*", default=list(CASES))
-    args = ap.parse_args()
-    torch.use_deterministic_algorithms(True)
-    state.initialize(state.ParallelLayout())
-    ref_loss, ref_grads, _, _ = run_case([], args.backend, args.pattern)
-    for name in args.cases:
-        loss, grads, calls, saved_bytes = run_case(CASES[name], args.backend, args.pattern)
+# The same through our Triton GDN kernels in Triton's CPU interpreter: one block, one head, one
+# 16-token chunk (the interpreter is slow), selective gdn and full recompute.
+TRITON = dict(
+    backend="triton",
+    pattern="G-",
+    seq=16,
+    model=["model.gdn_num_heads=1", "model.num_attention_heads=1", "model.num_key_value_heads=1"],
+    cases=["selective_gdn", "full_uniform_1"],
+)
+
+
+def compare(prefix, cases, backend, pattern, seq, model):
+    common = (backend, pattern, seq, model)
+    ref_loss, ref_grads, _, _ = run_case([], *common)
+    for name in cases:
+        loss, grads, calls, saved_bytes = run_case(CASES[name], *common)
         assert grads.keys() == ref_grads.keys()
         diff = max((grads[n] - ref_grads[n]).abs().max().item() for n in grads)
         scale = max(g.abs().max().item() for g in ref_grads.values())
         row = dict(
-            name=name,
+            name=prefix + name,
             loss=loss,
             ref_loss=ref_loss,
             max_grad_diff=diff,
@@ -154,6 +162,25 @@ def main():
             saved_bytes=saved_bytes,
         )
         print(json.dumps(row), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--pattern", default="G-*-G-G-")
+    ap.add_argument("--seq", type=int, default=48)
+    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument("--model", nargs="*", default=[], help="model.FIELD=VALUE overrides")
+    ap.add_argument("--triton", action="store_true", help="only the TRITON cases (interpreter)")
+    args = ap.parse_args()
+    torch.use_deterministic_algorithms(True)
+    state.initialize(state.ParallelLayout())
+    if args.triton:
+        # the whole process in interpreter mode (then the conv and norm run in Triton too)
+        assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+        compare("triton_", **TRITON)
+    else:
+        compare("", args.cases, args.backend, args.pattern, args.seq, args.model)
     state.destroy()
 
 

@@ -1,9 +1,10 @@
 """Activation recompute (Megatron's --recompute-* flags, issue 16 item 4) on CPU, fp32.
 
 - In one process (recompute_check.py, a tiny G-*-G-G- model built through the training setup
-  code, one packed row of two documents): every setting gives the loss of the run without
-  recompute and its gradients (bitwise; the layernorm recompute to fp32 summation order), the
-  recomputed parts really run twice, and autograd keeps fewer bytes after the forward.
+  code, local spec, torch GDN reference, one packed row of two documents): every setting gives
+  the loss of the run without recompute and its gradients (bitwise; the layernorm recompute to
+  fp32 summation order), the recomputed parts really run twice, and autograd keeps fewer bytes
+  after the forward. Also gdn and full recompute through our Triton GDN kernels (interpreter).
 - End to end through the trainer (flags -> config -> model): 2 iterations with recompute
   reproduce the losses and grad norms of the 1-rank run without: full/block under pipeline
   parallel + distributed optimizer, all selective modules under context parallel.
@@ -22,8 +23,8 @@ from tests.conftest import TINY_MOCK, parse_losses, run_python, train_cmd
 SELECTIVE = ["core_attn", "gdn", "mlp", "layernorm"]
 
 
-def _check(*args: str) -> dict[str, dict]:
-    proc = run_python(["-m", "tests.training.recompute_check", *args], timeout=600)
+def _check(*args: str, env=None) -> dict[str, dict]:
+    proc = run_python(["-m", "tests.training.recompute_check", *args], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {r["name"]: r for r in rows}
@@ -31,7 +32,8 @@ def _check(*args: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def rows():
-    return _check()
+    # two processes: Triton's interpreter mode is process-wide and would slow the torch cases
+    return {**_check(), **_check("--triton", env={"TRITON_INTERPRET": "1"})}
 
 
 # which counters each setting must double (pattern G-*-G-G-: 8 sub-layers, 1 attention core,
@@ -57,6 +59,18 @@ def test_same_loss_and_gradients_as_without_recompute(rows, name):
         assert r["max_grad_diff"] <= 1e-6 * r["grad_scale"], r
     else:
         assert r["max_grad_diff"] == 0.0, r
+
+
+@pytest.mark.parametrize("name", ["triton_selective_gdn", "triton_full_uniform_1"])
+def test_triton_gdn_kernels_under_recompute(rows, name):
+    """Our Triton GDN kernels (CPU interpreter; one G- block): same loss, bitwise gradients,
+    the kernel run twice, fewer bytes kept."""
+    r, base = rows[name], {"layer": 2, "core_attn": 0, "gdn_kernel": 1, "mlp": 1, "norm": 2}
+    assert r["loss"] == r["ref_loss"] and r["max_grad_diff"] == 0.0, r
+    if name == "triton_selective_gdn":
+        assert r["calls"] == {**base, "gdn_kernel": 2}, r
+    else:
+        assert r["calls"] == {k: 2 * v for k, v in base.items()}, r
 
 
 @pytest.mark.parametrize("name", [*DOUBLED, "full_block_1"])
