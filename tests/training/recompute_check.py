@@ -78,7 +78,7 @@ class Counter:
         return hook
 
 
-def run_case(flags, backend, pattern, seq, model_overrides):
+def run_case(flags, backend, pattern, seq, model_overrides, flavour="local"):
     argv = ["--preset", "tiny", "--seq-length", str(seq), "--hybrid-layer-pattern", pattern]
     argv += ["--fp32", f"model.gdn_backend={backend}", *model_overrides, *flags]
     run, _ = parse(argv)
@@ -87,7 +87,7 @@ def run_case(flags, backend, pattern, seq, model_overrides):
     model = build_model(
         run.model,
         tcfg,
-        flavour="local",
+        flavour=flavour,
         pattern=layer_pattern(run),
         seed=run.train.seed,
         recompute_modules=run.recompute.selective_modules(),
@@ -103,11 +103,12 @@ def run_case(flags, backend, pattern, seq, model_overrides):
 
     gdn_mod.chunk_gated_delta_rule = counting_kernel
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, run.model.vocab_size, (1, seq), generator=gen)
-    weights = torch.randn(1, seq, run.model.vocab_size, generator=gen)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = torch.randint(0, run.model.vocab_size, (1, seq), generator=gen).to(dev)
+    weights = torch.randn(1, seq, run.model.vocab_size, generator=gen).to(dev)
     docs = [0, seq * 5 // 12, seq]
-    psp = packed_seq_params(torch.tensor(docs, dtype=torch.int32), seq)
-    pos = torch.arange(seq).unsqueeze(0)
+    psp = packed_seq_params(torch.tensor(docs, dtype=torch.int32, device=dev), seq)
+    pos = torch.arange(seq, device=dev).unsqueeze(0)
 
     saved = []
 
@@ -144,8 +145,8 @@ TRITON = dict(
 )
 
 
-def compare(prefix, cases, backend, pattern, seq, model):
-    common = (backend, pattern, seq, model)
+def compare(prefix, cases, backend, pattern, seq, model, flavour="local"):
+    common = (backend, pattern, seq, model, flavour)
     ref_loss, ref_grads, _, _ = run_case([], *common)
     for name in cases:
         loss, grads, calls, saved_bytes = run_case(CASES[name], *common)
@@ -172,6 +173,7 @@ def main():
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--model", nargs="*", default=[], help="model.FIELD=VALUE overrides")
     ap.add_argument("--triton", action="store_true", help="only the TRITON cases (interpreter)")
+    ap.add_argument("--flavour", default="local", help="layer spec: local | te (GPU)")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     state.initialize(state.ParallelLayout())
@@ -180,7 +182,7 @@ def main():
         assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
         compare("triton_", **TRITON)
     else:
-        compare("", args.cases, args.backend, args.pattern, args.seq, args.model)
+        compare("", args.cases, args.backend, args.pattern, args.seq, args.model, args.flavour)
     state.destroy()
 
 
