@@ -48,6 +48,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: F
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: F401
 from megatron.core.safe_globals import SafeUnpickler  # noqa: F401  (FP8 extra state)
 from megatron.core.tensor_parallel import (  # noqa: F401
+    CheckpointWithoutOutput,
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_hybrid import mcore
+from megatron_hybrid.layers import recompute
 from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
 from megatron_hybrid.parallel import context
 
@@ -101,10 +102,15 @@ class OlmoSelfAttention(mcore.MegatronModule):
         layer_number: int = 1,
         pg_collection=None,
         qk_norm_eps: float = 1e-6,
+        recompute_modules: frozenset = frozenset(),
         **_unused,
     ):
         super().__init__(config=config)
         self.layer_number = layer_number
+        # selective recompute: "core_attn" reruns the attention core in the backward (saves only
+        # q, k, v), "layernorm" the post-norm (saves only the o_proj output)
+        self.recompute_core_attention = "core_attn" in recompute_modules
+        self.recompute_norm = "layernorm" in recompute_modules
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
         heads, groups, d = config.num_attention_heads, config.num_query_groups, config.kv_channels
@@ -169,14 +175,22 @@ class OlmoSelfAttention(mcore.MegatronModule):
                 "(all-gather KV over the zigzag layout): use context parallel size 1"
             )
         q_sbNd, k_sbGd, v_sbGd = self.qkv(hidden_states, rotary_pos_emb)
-        ctx = self.core_attention(
-            q_sbNd.contiguous(),
-            k_sbGd.contiguous(),
-            v_sbGd.contiguous(),
-            attention_mask,
-            attn_mask_type=mcore.AttnMaskType.causal,
-            packed_seq_params=packed_seq_params,
-        )
+
+        def core_attention(q, k, v):
+            return self.core_attention(
+                q,
+                k,
+                v,
+                attention_mask,
+                attn_mask_type=mcore.AttnMaskType.causal,
+                packed_seq_params=packed_seq_params,
+            )
+
+        qkv = (q_sbNd.contiguous(), k_sbGd.contiguous(), v_sbGd.contiguous())
+        if self.recompute_core_attention and recompute.active(self):
+            ctx = recompute.checkpoint(core_attention, *qkv)
+        else:
+            ctx = core_attention(*qkv)
         return self.output(ctx), None
 
     def qkv(self, hidden_states, rotary_pos_emb=None):
@@ -207,4 +221,7 @@ class OlmoSelfAttention(mcore.MegatronModule):
         """o_proj then the Olmo 3 post-norm: [s, b, N*d] -> [s, b, D]."""
         out, bias = self.linear_proj(ctx_sbX)
         assert bias is None
+        if self.recompute_norm and recompute.active(self):
+            # nothing downstream saves the post-norm's output (a residual add follows)
+            return recompute.checkpoint(self.post_norm, out)
         return self.post_norm(out)

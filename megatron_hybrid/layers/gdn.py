@@ -37,6 +37,7 @@ from megatron_hybrid import mcore
 from megatron_hybrid.kernels.conv import causal_conv1d
 from megatron_hybrid.kernels.gated_rmsnorm import gated_rmsnorm
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
+from megatron_hybrid.layers import recompute
 from megatron_hybrid.parallel import context
 from megatron_hybrid.parallel.gdn_cp import gdn_conv_and_recurrence_cp
 
@@ -72,10 +73,13 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         layer_number: int = 1,
         gdn: GDNShape = None,
         pg_collection=None,
+        recompute_modules: frozenset = frozenset(),
         **_unused,
     ):
         super().__init__(config=config)
         self.gdn = gdn
+        # selective recompute "gdn": conv + recurrence rerun in the backward from their inputs
+        self.recompute_conv_and_recurrence = "gdn" in recompute_modules
         self.layer_number = layer_number
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
@@ -166,13 +170,32 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         return self.out_proj(y_sbX.contiguous())
 
     def forward(self, hidden_states, attention_mask=None, packed_seq_params=None, **_unused):
-        K, V = self.gdn.head_k_dim, self.gdn.head_v_dim
         qkv_bsC, gate_bshV, g_bsh, beta_bsh = self.project(hidden_states)
+
+        def conv_and_recurrence(qkv_bsC, conv_weight, g_bsh, beta_bsh):
+            return self.conv_and_recurrence(
+                qkv_bsC, conv_weight, g_bsh, beta_bsh, packed_seq_params
+            )
+
+        if self.recompute_conv_and_recurrence and recompute.active(self):
+            # keep only the pre-conv qkv, g and beta; the conv output, q/k/v and the kernel's
+            # saved intermediates are rebuilt in the backward
+            o_bshV = recompute.checkpoint(
+                conv_and_recurrence, qkv_bsC, self.conv_weight, g_bsh, beta_bsh
+            )
+        else:
+            o_bshV = conv_and_recurrence(qkv_bsC, self.conv_weight, g_bsh, beta_bsh)
+        return self.output(o_bshV, gate_bshV)
+
+    def conv_and_recurrence(self, qkv_bsC, conv_weight, g_bsh, beta_bsh, packed_seq_params):
+        """Short convs + SiLU on the pre-conv ``[q|k|v]`` channels, then the chunked gated delta
+        rule: ``o [b, s, H, V]`` (under CP: this rank's zigzag chunks, state passed over CP)."""
+        K, V = self.gdn.head_k_dim, self.gdn.head_v_dim
         if context.is_context_parallel(packed_seq_params):
             # this rank's two zigzag chunks of the row; conv halo + GDN state passed over CP
-            o_bshV = gdn_conv_and_recurrence_cp(
+            return gdn_conv_and_recurrence_cp(
                 qkv_bsC,
-                self.conv_weight,
+                conv_weight,
                 g_bsh,
                 beta_bsh,
                 (K, V),
@@ -180,27 +203,24 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
                 self.gdn.backend,
                 self.gdn.save_intermediates,
             )
-        else:
-            cu_seqlens = None
-            if packed_seq_params is not None:
-                cu_seqlens = packed_seq_params.cu_seqlens_q
-            qkv_bsC = causal_conv1d(
-                qkv_bsC, self.conv_weight, cu_seqlens=cu_seqlens, activation="silu"
-            )
-            q_bshK, k_bshK, v_bshV = self.split_qkv(qkv_bsC)
-            o_bshV, _ = chunk_gated_delta_rule(
-                q_bshK,
-                k_bshK,
-                v_bshV,
-                g_bsh,
-                beta_bsh,
-                scale=K**-0.5,
-                cu_seqlens=cu_seqlens,
-                use_qk_l2norm_in_kernel=True,
-                backend=self.gdn.backend,
-                save_intermediates=self.gdn.save_intermediates,
-            )
-        return self.output(o_bshV, gate_bshV)
+        cu_seqlens = None
+        if packed_seq_params is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+        qkv_bsC = causal_conv1d(qkv_bsC, conv_weight, cu_seqlens=cu_seqlens, activation="silu")
+        q_bshK, k_bshK, v_bshV = self.split_qkv(qkv_bsC)
+        o_bshV, _ = chunk_gated_delta_rule(
+            q_bshK,
+            k_bshK,
+            v_bshV,
+            g_bsh,
+            beta_bsh,
+            scale=K**-0.5,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm_in_kernel=True,
+            backend=self.gdn.backend,
+            save_intermediates=self.gdn.save_intermediates,
+        )
+        return o_bshV
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -216,3 +236,32 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         )
         sd.update(sharded)
         return sd
+
+
+class OlmoGDNLayer(mcore.TransformerLayer):
+    """The ``G`` sub-layer: megatron's TransformerLayer (``h + GDN(RMSNorm(h))``) whose
+    ``layernorm`` recompute of the input norm is done here, the way upstream's TransformerLayer
+    does it (norm output freed once the mixer's projections saved it, rebuilt from a hook on the
+    mixer output's gradient) but with :class:`~megatron_hybrid.layers.recompute
+    .CheckpointWithoutOutput`, which needs neither Transformer Engine nor a C++ build. The
+    recompute set is kept out of the TransformerConfig (upstream's validation knows no ``gdn``)."""
+
+    def __init__(self, *args, recompute_modules: frozenset = frozenset(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recompute_norm = "layernorm" in recompute_modules
+
+    def _forward_attention(self, hidden_states, *args, **kwargs):
+        if not (self.recompute_norm and recompute.active(self)) or args:
+            return super()._forward_attention(hidden_states, *args, **kwargs)
+        nr = recompute.NormRecompute()
+        out_with_bias = self.self_attention(
+            nr.norm(self.input_layernorm, hidden_states),
+            attention_mask=kwargs.get("attention_mask"),
+            packed_seq_params=kwargs.get("packed_seq_params"),
+        )
+        nr.release(out_with_bias[0])
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                out_with_bias, hidden_states, self.hidden_dropout
+            )
+        return hidden_states, kwargs.get("context")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_hybrid import mcore
+from megatron_hybrid.layers import recompute
 
 
 @dataclass
@@ -26,6 +27,7 @@ class OlmoMLPLayer(mcore.MegatronModule):
         submodules: OlmoMLPLayerSubmodules,
         layer_number: int = 1,
         pg_collection=None,
+        recompute_modules: frozenset = frozenset(),
         **_unused,
     ):
         super().__init__(config=config)
@@ -35,12 +37,36 @@ class OlmoMLPLayer(mcore.MegatronModule):
             config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
         )
         self.mlp = mcore.build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
+        # selective recompute (Megatron's "mlp" and "layernorm" modules)
+        self.recompute_mlp = "mlp" in recompute_modules
+        self.recompute_norm = "layernorm" in recompute_modules
+
+    def _mlp(self, x):
+        out, bias = self.mlp(x)
+        assert bias is None
+        return out
 
     def forward(self, hidden_states, **_unused):
+        on = recompute.active(self)
+        mlp = self._mlp
+        if self.recompute_mlp and on:
+
+            def mlp(x):
+                return recompute.checkpoint(self._mlp, x)
+
         if self.norm_position == "pre":
-            out, bias = self.mlp(self.norm(hidden_states))
+            if self.recompute_norm and on:
+                # the norm output is saved by fc1 (or the MLP checkpoint): freed after the MLP,
+                # rebuilt from a hook on the MLP output's gradient (megatron's pre-MLP norm)
+                nr = recompute.NormRecompute()
+                out = mlp(nr.norm(self.norm, hidden_states))
+                nr.release(out)
+            else:
+                out = mlp(self.norm(hidden_states))
         else:
-            out, bias = self.mlp(hidden_states)
-            out = self.norm(out)
-        assert bias is None
+            out = mlp(hidden_states)
+            if self.recompute_norm and on:
+                out = recompute.checkpoint(self.norm, out)  # only the residual add follows
+            else:
+                out = self.norm(out)
         return hidden_states + out

@@ -93,6 +93,10 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--synthetic-train-min-length": ("synthetic.train_min_length", int),
     "--synthetic-eval-lengths": ("synthetic.eval_lengths", "ints"),
     "--synthetic-eval-examples": ("synthetic.eval_examples", int),
+    "--recompute-granularity": ("recompute.granularity", str),
+    "--recompute-method": ("recompute.method", str),
+    "--recompute-num-layers": ("recompute.num_layers", int),
+    "--recompute-modules": ("recompute.modules", "list"),
 }
 
 
@@ -174,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megatron-hybrid-train",
         description="Pretrain an Olmo-Hybrid model on megatron-core (run under torchrun or srun).",
         epilog="Overrides: section.field=value or --section.field=value (sections: model, "
-        "parallel, data, optim, train, synthetic). Example: optim.lr=3e-4 train.log_interval=10",
+        "parallel, data, optim, train, synthetic, recompute). Example: optim.lr=3e-4 train.log_interval=10",
     )
     p.add_argument("--preset", default=None, help=f"model preset: {', '.join(PRESETS)}")
     p.add_argument("--config", default=None, help="YAML file with the same sections")

@@ -201,6 +201,125 @@ class TrainConfig:
     """On SIGTERM/SIGUSR1: save a checkpoint (if ``save``) and exit cleanly."""
 
 
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+RECOMPUTE_MODULE_NAMES = ("core_attn", "gdn", "mlp", "layernorm")  # layers/recompute.py
+
+
+@dataclass
+class RecomputeConfig:
+    """Activation recompute (Megatron-LM's --recompute-* flags): activations dropped in the
+    forward and recomputed in the backward, trading compute for memory. docs/training.md,
+    "Activation recompute", says what each setting recomputes and costs."""
+
+    granularity: str | None = None
+    """None (off) | full (whole blocks: only each checkpointed chunk's input is kept) | selective
+    (only the parts named in ``modules``)."""
+    method: str | None = None
+    """With granularity full, required: uniform (the blocks of each pipeline stage in groups of
+    ``num_layers``, each group's input kept) | block (only the first ``num_layers`` blocks of
+    each pipeline stage recomputed, the rest keep their activations)."""
+    num_layers: int | None = None
+    """With granularity full, required: blocks (a mixer + its MLP, i.e. model.num_layers units)
+    per recompute group (uniform) or blocks recomputed per pipeline stage (block); 1 to the
+    blocks of one (virtual) pipeline stage."""
+    modules: list[str] | None = None
+    """With granularity selective: any of core_attn (attention core), gdn (GDN short convs +
+    chunked delta rule), mlp (SwiGLU MLP), layernorm (block RMSNorms). None = [core_attn]
+    (Megatron's default)."""
+
+    def selective_modules(self) -> frozenset[str]:
+        """The parts the layers recompute themselves (empty unless granularity selective)."""
+        if self.granularity != "selective":
+            return frozenset()
+        return frozenset(self.modules if self.modules is not None else ["core_attn"])
+
+    def transformer_config_kwargs(self) -> dict:
+        """megatron-core TransformerConfig fields (full granularity only: its HybridStack runs
+        the checkpointed chunks). ``num_layers`` counts blocks; the stack's layers are
+        sub-layers (mixer, MLP), two per block."""
+        if self.granularity != "full":
+            return {}
+        return dict(
+            recompute_granularity="full",
+            recompute_method=self.method,
+            recompute_num_layers=2 * self.num_layers,
+        )
+
+    def describe(self) -> str:
+        if self.granularity is None:
+            return "off"
+        if self.granularity == "full":
+            if self.method == "uniform":
+                return (
+                    f"full, uniform: every group of {self.num_layers} block(s) recomputed from "
+                    "its input"
+                )
+            return (
+                f"full, block: the first {self.num_layers} block(s) of each pipeline stage "
+                "recomputed from their inputs"
+            )
+        return "selective: " + ", ".join(sorted(self.selective_modules()))
+
+
+def check_recompute(run, segment_blocks: list[int]) -> None:
+    """Megatron's rules for the --recompute-* flags, as errors naming the flags.
+    ``segment_blocks``: blocks in each (virtual) pipeline stage."""
+    r = run.recompute
+    gran, method = field_label("recompute.granularity"), field_label("recompute.method")
+    num, mods = field_label("recompute.num_layers"), field_label("recompute.modules")
+    if r.granularity not in (None, *RECOMPUTE_GRANULARITIES):
+        raise ConfigError(
+            f"{gran}={r.granularity!r}: use {' or '.join(RECOMPUTE_GRANULARITIES)} (or leave it "
+            "unset: no recompute)"
+        )
+    if r.method is not None and r.method not in RECOMPUTE_METHODS:
+        raise ConfigError(f"{method}={r.method!r}: use {' or '.join(RECOMPUTE_METHODS)}")
+    if r.method is not None and r.granularity != "full":
+        raise ConfigError(
+            f"{method}={r.method!r} applies to --recompute-granularity full only (got "
+            f"{r.granularity!r}); selective recompute names its parts with --recompute-modules"
+        )
+    if r.num_layers is not None and r.granularity != "full":
+        raise ConfigError(
+            f"{num}={r.num_layers!r} applies to --recompute-granularity full only (got "
+            f"{r.granularity!r})"
+        )
+    if r.modules is not None and r.granularity != "selective":
+        raise ConfigError(
+            f"{mods}={r.modules!r} applies to --recompute-granularity selective only (got "
+            f"{r.granularity!r}); full recompute recomputes whole blocks"
+        )
+    if r.granularity == "full":
+        if r.method is None:
+            raise ConfigError(
+                f"--recompute-granularity full needs {method}: uniform or block (as Megatron)"
+            )
+        most = max(segment_blocks)
+        if r.num_layers is None or not 1 <= r.num_layers <= most:
+            raise ConfigError(
+                f"--recompute-granularity full needs {num} between 1 and the blocks of one "
+                f"pipeline stage ({most}); got {r.num_layers!r}"
+            )
+    if r.granularity == "selective":
+        modules = r.modules if r.modules is not None else ["core_attn"]
+        unknown = [m for m in modules if m not in RECOMPUTE_MODULE_NAMES]
+        if unknown or not modules:
+            raise ConfigError(
+                f"{mods}={r.modules!r}: "
+                + (f"unknown module(s) {unknown}; " if unknown else "name at least one; ")
+                + f"choose from {', '.join(RECOMPUTE_MODULE_NAMES)}"
+            )
+        if "mlp" in modules and run.train.fp8_format:
+            # our selective checkpoint would rerun the MLP's FP8 GEMMs outside TE's FP8-aware
+            # checkpoint (a second amax update per step under delayed scaling)
+            raise ConfigError(
+                f"{mods} mlp with --fp8-format: not supported yet (the MLP's FP8 GEMMs would be "
+                "recomputed outside Transformer Engine's FP8-aware checkpoint); use "
+                "--recompute-granularity full, or the other modules"
+            )
+
+
 # Numeric fields and the range each accepts (the field docstrings say the same). Checked by
 # RunConfig.validate before anything is built, so a typo never reaches a division by zero, a
 # silent no-op run or an assert deep inside megatron.
@@ -242,6 +361,7 @@ NUMERIC_RULES: dict[str, str] = {
     "train.fp8_amax_history_len": _AT_LEAST_1,
     "train.num_layers_at_start_in_bf16": _AT_LEAST_0,
     "train.num_layers_at_end_in_bf16": _AT_LEAST_0,
+    "recompute.num_layers": _AT_LEAST_1,
 }
 
 
@@ -491,6 +611,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """A generated expressivity task as the data (``--synthetic-task``; data/synthetic.py)."""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -540,8 +661,19 @@ class RunConfig:
             raise ConfigError(f"precision={t.precision!r}: use auto, bf16 or fp32")
         check_optimizer_dtypes(self)
         self.synthetic.check(self.data.seq_length)
+        check_recompute(self, self.blocks_per_segment())
         if require_data and not (self.data.mock or self.data.data_path or self.synthetic.task):
             raise ConfigError("no training data: give --data-path PREFIX (or --mock-data)")
+
+    def blocks_per_segment(self) -> list[int]:
+        """Blocks in each (virtual) pipeline stage: by the '|' of the layer pattern, else the
+        even split."""
+        p = self.parallel
+        segments = p.pipeline * (p.virtual_pipeline or 1)
+        pattern = self.hybrid_layer_pattern
+        if pattern and "|" in pattern:
+            return [sum(seg.count(c) for c in "G*") for seg in pattern.split("|")]
+        return [math.ceil(self.model.num_layers / segments)] * segments
 
     def data_parallel_size(self, world_size: int) -> int:
         p = self.parallel

@@ -31,6 +31,8 @@ def transformer_config(run):
         # so every parallel layout optimises exactly the same objective.
         calculate_per_token_loss=True,
         deterministic_mode=run.train.deterministic,
+        # full recompute (megatron-core's HybridStack path); selective goes to the layers
+        **run.recompute.transformer_config_kwargs(),
         **fp8_fields(run),
     )
 
@@ -90,6 +92,7 @@ def build_model_chunks(run, tcfg):
             pattern=pattern,
             vp_stage=vp_stage if vp else None,
             seed=run.train.seed,
+            recompute_modules=run.recompute.selective_modules(),
         )
         if tcfg.bf16:
             model = mcore.Float16Module(tcfg, model)

@@ -57,6 +57,7 @@ def describe(
         f"optimizer: Adam, {state} | gradient accumulation fusion "
         f"{'on (te linears)' if t.gradient_accumulation_fusion else 'off'}"
     )
+    lines.append(f"activation recompute: {run.recompute.describe()}")
     lines.append(
         f"model: {run.preset} | pattern {m.layer_pattern()} | vocab {m.vocab_size} | "
         f"RoPE {m.rope_theta if m.rope_theta else 'none (NoPE)'}"

@@ -33,12 +33,15 @@ def build_model(
     parallel_output: bool = True,
     pattern: str | None = None,
     seed: int | None = 1234,
+    recompute_modules=(),
 ) -> mcore.HybridModel:
     """One model chunk on this rank (megatron's parallel state must be initialised).
 
     ``pattern`` may carry '|' pipeline boundaries; by default the blocks are split evenly over
     pipeline x virtual-pipeline segments. ``seed`` draws the Olmo init (layout-invariant, see
     init.py); None leaves the parameters unset (e.g. weights are loaded right after).
+    ``recompute_modules``: selective activation recompute (specs.stack_spec); full recompute
+    comes with ``transformer_config`` (its recompute_granularity/method/num_layers).
     """
     ps = mcore.parallel_state
     tcfg = transformer_config or cfg.transformer_config(
@@ -57,7 +60,7 @@ def build_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = mcore.HybridModel(
         config=tcfg,
-        hybrid_stack_spec=stack_spec(cfg, flavour or default_flavour()),
+        hybrid_stack_spec=stack_spec(cfg, flavour or default_flavour(), recompute_modules),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         hybrid_layer_pattern=pattern,

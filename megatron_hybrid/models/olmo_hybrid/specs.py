@@ -6,9 +6,12 @@
   context parallelism its attention all-gathers K/V and runs TE's THD kernel (te_attention.py).
 
 Sub-layers (megatron-core HybridStack symbols):
-    G  TransformerLayer(input_layernorm=RMSNorm, self_attention=OlmoGatedDeltaNet)   pre-norm
+    G  OlmoGDNLayer(input_layernorm=RMSNorm, self_attention=OlmoGatedDeltaNet)       pre-norm
     *  TransformerLayer(self_attention=OlmoSelfAttention incl. its post-norm)       post-norm
     -  OlmoMLPLayer (SwiGLU; pre- or post-norm, set by OlmoHybridStack)
+
+``recompute_modules`` (selective activation recompute, layers/recompute.py) is handed to every
+sub-layer that has a part to recompute.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from megatron_hybrid.layers.attention import (
     OlmoSelfAttention,
     TorchCausalAttention,
 )
-from megatron_hybrid.layers.gdn import GDNShape, GDNSubmodules, OlmoGatedDeltaNet
+from megatron_hybrid.layers.gdn import GDNShape, GDNSubmodules, OlmoGatedDeltaNet, OlmoGDNLayer
 from megatron_hybrid.layers.mlp_layer import OlmoMLPLayer, OlmoMLPLayerSubmodules
 from megatron_hybrid.layers.norms import RMSNorm
 from megatron_hybrid.layers.te_attention import te_core_attention_class
@@ -65,16 +68,22 @@ def gdn_shape(cfg: OlmoHybridConfig) -> GDNShape:
     )
 
 
-def stack_spec(cfg: OlmoHybridConfig, flavour: str = "local") -> mcore.ModuleSpec:
-    """The HybridStack spec (pass to HybridModel as ``hybrid_stack_spec``)."""
+def stack_spec(
+    cfg: OlmoHybridConfig, flavour: str = "local", recompute_modules=()
+) -> mcore.ModuleSpec:
+    """The HybridStack spec (pass to HybridModel as ``hybrid_stack_spec``); ``recompute_modules``
+    names the parts recomputed in the backward (selective recompute: core_attn, gdn, mlp,
+    layernorm)."""
     p = _parts(flavour)
+    rc = {"recompute_modules": frozenset(recompute_modules)}
     gdn_layer = mcore.ModuleSpec(
-        module=mcore.TransformerLayer,
+        module=OlmoGDNLayer,
+        params=rc,
         submodules=mcore.TransformerLayerSubmodules(
             input_layernorm=p.norm,
             self_attention=mcore.ModuleSpec(
                 module=OlmoGatedDeltaNet,
-                params={"gdn": gdn_shape(cfg)},
+                params={"gdn": gdn_shape(cfg), **rc},
                 submodules=GDNSubmodules(in_proj=p.column, ab_proj=p.column, out_proj=p.row),
             ),
             self_attn_bda=mcore.get_bias_dropout_add,
@@ -85,7 +94,7 @@ def stack_spec(cfg: OlmoHybridConfig, flavour: str = "local") -> mcore.ModuleSpe
         submodules=mcore.TransformerLayerSubmodules(
             self_attention=mcore.ModuleSpec(
                 module=OlmoSelfAttention,
-                params={"qk_norm_eps": cfg.norm_eps},
+                params={"qk_norm_eps": cfg.norm_eps, **rc},
                 submodules=OlmoAttentionSubmodules(
                     linear_qkv=p.column,
                     core_attention=p.core_attention,
@@ -98,6 +107,7 @@ def stack_spec(cfg: OlmoHybridConfig, flavour: str = "local") -> mcore.ModuleSpe
     )
     mlp_layer = mcore.ModuleSpec(
         module=OlmoMLPLayer,
+        params=rc,
         submodules=OlmoMLPLayerSubmodules(
             norm=p.norm,
             mlp=mcore.ModuleSpec(
