@@ -187,11 +187,11 @@ def measure_ours(args) -> dict:
 # Kernel-name patterns -> module category, first match wins (CUDA kernel names on the H200).
 CATEGORIES = [
     ("loss", r"_row_stats_kernel|_grad_kernel|cross_entropy"),
-    ("optimizer", r"multi_tensor|adam|Adam|_foreach|l2norm"),
+    ("optimizer", r"multi_tensor|adam|Adam|_foreach|LpNorm"),
     ("communication", r"nccl|allreduce|all_gather|reduce_scatter"),
-    ("GDN recurrence", r"chunk|gdn|delta|_wy|_fwd_h|_bwd_h|recurrence|transition|kkt|solve"),
     ("conv", r"_conv"),
-    ("norms", r"norm|rmsnorm|_gated"),
+    ("norms", r"rmsnorm|_norm_|layernorm|rmsnorm"),
+    ("GDN recurrence", r"chunk|gdn|delta|_wy|_fwd_|_bwd_|_l2norm|recurrence|transition|kkt"),
     ("attention", r"flash|fmha|attn|attention|sdpa|cudnn"),
     ("GEMM", r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|wgrad|dgrad"),
     ("elementwise / copies", r"elementwise|vectorized|copy|fill|reduce|index|cat|unrolled"),
