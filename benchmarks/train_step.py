@@ -19,7 +19,8 @@ Sides:
   JSON keys ``ours_fp8_delayed_tokens_per_s_per_gpu``, ``ours_fp8_tensorwise_tokens_per_s_per_gpu``
   and ``ours_fp8_peak_gib`` (the delayed side's peak);
 - ``attention``: our all-attention model of the same widths (``*-`` x 8);
-- ``seq32k``: ours, hybrid and all-attention, at seq 32768 (``--seq32k-flags`` picks recompute);
+- ``seq32k`` / ``seq64k``: ours, hybrid and all-attention, at seq 32768 / 65536, micro-batch 1,
+  both with the same ``--long-flags`` (default: selective recompute of gdn, mlp, layernorm);
 - ``upstream``: megatron-core 0.19.2 ``HybridModel`` with its own TE spec
   (``<peers>/hybrid_step.py``; fla's Hopper guard is bypassed there for timing only);
 - ``olmo_core``: OLMo-core 3.0.0, eager and ``apply_compile()`` (``<peers>/olmo_core_step.py``).
@@ -278,11 +279,12 @@ def orchestrate(args, save=lambda results, logs: None) -> dict:
             results[side], logs[side] = _run(_ours_cmd(args, *_flag_args([*fp8, *args.ours_flags])))
         elif side == "attention":
             results["attention"], logs[side] = _run(_ours_cmd(args, "--pattern", ATTENTION))
-        elif side == "seq32k":
-            extra = _flag_args(args.seq32k_flags.split())
-            for name, pat in (("seq32k_hybrid", None), ("seq32k_attention", ATTENTION)):
+        elif side in ("seq32k", "seq64k"):
+            extra = _flag_args(args.long_flags.split())
+            length = {"seq32k": 32768, "seq64k": 65536}[side]
+            for name, pat in ((f"{side}_hybrid", None), (f"{side}_attention", ATTENTION)):
                 cmd = _ours_cmd(args, "--no-accumulation", *extra)
-                cmd[cmd.index("--seq") + 1] = "32768"
+                cmd[cmd.index("--seq") + 1] = str(length)
                 cmd[cmd.index("--steps") + 1] = "3"
                 if pat:
                     cmd += ["--pattern", pat]
@@ -356,6 +358,10 @@ def summarise(results: dict) -> dict:
     put("seq32k_attention_tokens_per_s_per_gpu", "seq32k_attention", "tokens_per_s_per_gpu")
     put("seq32k_hybrid_peak_gib", "seq32k_hybrid", "peak_gib")
     put("seq32k_attention_peak_gib", "seq32k_attention", "peak_gib")
+    put("seq64k_hybrid_tokens_per_s_per_gpu", "seq64k_hybrid", "tokens_per_s_per_gpu")
+    put("seq64k_attention_tokens_per_s_per_gpu", "seq64k_attention", "tokens_per_s_per_gpu")
+    put("seq64k_hybrid_peak_gib", "seq64k_hybrid", "peak_gib")
+    put("seq64k_attention_peak_gib", "seq64k_attention", "peak_gib")
     gpu = next(
         (v.get("gpu") for v in results.values() if isinstance(v, dict) and v.get("gpu")), None
     )
@@ -400,7 +406,11 @@ def main(argv=None):
     ap.add_argument("--peers", default=str(ROOT / ".gpu" / "reference"))
     ap.add_argument("--oc-site", default="/tmp/oc", help="where OLMo-core's wheels are installed")
     ap.add_argument("--ours-flags", nargs="*", default=[], help="extra trainer flags for 'ours'")
-    ap.add_argument("--seq32k-flags", default="", help="trainer flags for the 32K runs")
+    ap.add_argument(
+        "--long-flags",
+        default="--recompute-granularity selective --recompute-modules gdn mlp layernorm",
+        help="trainer flags of the seq32k / seq64k sides (both models get the same)",
+    )
     ap.add_argument("--json", default=str(RESULTS / "train_step_h200.json"))
     ap.add_argument("--profile", action="store_true", help="our step's time by module")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")

@@ -2,8 +2,9 @@
 
 Everything a step does, in order: every rank takes its micro-batches of the global batch (the
 sample order depends only on seed and global batch size), megatron's forward-backward schedule
-runs them (pipeline-aware), ``finalize_model_grads`` reduces gradients and divides by the global
-token count, non-finite loss/gradients skip the update, the optimizer steps, the LR schedule
+runs them (pipeline-aware), ``finalize_model_grads`` reduces gradients, non-finite
+loss/gradients skip the update, the division by the global token count and the clip scale the
+gradients in one pass (training/optimizer_step.py), the optimizer steps, the LR schedule
 advances, and one Megatron iteration line is printed.
 """
 
@@ -34,7 +35,7 @@ from megatron_hybrid.training.model_setup import (
     build_optimizer,
     transformer_config,
 )
-from megatron_hybrid.training.optimizer_step import step_if_finite
+from megatron_hybrid.training.optimizer_step import finalize_grads_unscaled, step_if_finite
 from megatron_hybrid.training.preflight import check_context_parallel, check_fp8_environment
 
 
@@ -105,7 +106,7 @@ class Trainer:
         self.chunks, self.flavour = build_model_chunks(run, self.tcfg)
         self.optimizer, self.scheduler = build_optimizer(run, self.tcfg, self.chunks)
         c = self.tcfg
-        c.finalize_model_grads_func = mcore.finalize_model_grads
+        c.finalize_model_grads_func = finalize_grads_unscaled  # 1/tokens: in the step
         c.grad_scale_func = self.optimizer.scale_loss
         no_sync = [m.no_sync for m in self.chunks]
         c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

@@ -27,7 +27,7 @@ def transformer_config(run):
         context_parallel=p.context,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
-        # Loss is summed per token and divided by the global token count in finalize_model_grads,
+        # Loss is summed per token and divided by the global token count (in the optimizer step),
         # so every parallel layout optimises exactly the same objective.
         calculate_per_token_loss=True,
         deterministic_mode=run.train.deterministic,
