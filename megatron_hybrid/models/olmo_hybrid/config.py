@@ -387,6 +387,9 @@ class OlmoHybridConfig:
             if use_cpu_initialization is None
             else use_cpu_initialization,
             bias_dropout_fusion=not cpu,
+            # megatron's fused SwiGLU (one kernel each way, keeps only the fc1 output) on GPU; on
+            # CPU the plain ops (its fuser is torch.compile, which needs a C++ toolchain there)
+            bias_activation_fusion=not cpu,
             # Weights are drawn by models/olmo_hybrid/init.py (same model at every layout).
             perform_initialization=False,
             apply_rope_fusion=False,
