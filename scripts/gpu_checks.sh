@@ -11,7 +11,8 @@
 #      against fla (guard bypassed, timing only) and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
-# STEPS selects (default "parity demo convert"; kernel steps only when named); ITERS the demo's
+# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests bench long fp8
+# science -- only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
 set -uo pipefail
@@ -118,4 +119,37 @@ install_fla
 PYTHONPATH=/tmp/fla_site:$PYTHONPATH python3 benchmarks/gdn_kernels.py --errors-only \
   --out "$OUT/gdn_errors.json" > "$OUT/kerrors.log" 2>&1
 grep -vi warn "$OUT/kerrors.log"
+fi
+# ---- the open issues' GPU work (16 train step, 17 FP8, 18 science); each step fits one call.
+# Carry .gpu/extra (pytest), .gpu/reference (../shared/gpu/reference) and .gpu/oc (OLMo-core
+# wheels) in the bring-up's first call; the JSON goes to $OUT and benchmarks/results/.
+if [ -d /tmp/gpu/oc ] && [ ! -d /tmp/oc/olmo_core ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/oc /tmp/gpu/oc/*.whl 2>&1 | tail -1
+fi
+TS_JSON=${TS_JSON:-/tmp/ts/train_step.json}
+if want gputests; then
+echo "== 5. GPU tests of the lean step, recompute, FP8 and the GDN guard"
+python3 -m pytest -q -x tests/kernels/test_cross_entropy.py tests/gpu/test_recompute_gpu.py \
+  tests/gpu/test_gdn_packed_fuzz_gpu.py tests/gpu/test_fp8.py 2>&1 | tail -15
+fi
+if want bench; then
+echo "== 6a. train step: ours (+profile), precision-aware, upstream, OLMo-core, all-attention"
+python3 benchmarks/train_step.py --sides ${BENCH_SIDES:-ours,ours_pa,upstream,olmo_core,attention} \
+  --profile-ours --steps 6 --peers /tmp/gpu/reference --json "$TS_JSON" 2>&1 | grep -v Warn | tail -60
+fi
+if want long; then
+echo "== 6b. train step at 32K and 64K: hybrid vs all-attention, same recompute flags"
+python3 benchmarks/train_step.py --sides seq32k,seq64k --peers /tmp/gpu/reference \
+  --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
+fi
+if want fp8; then
+echo "== 7. FP8: speed on the proxy, then the 200-step loss curves (bf16 / delayed / tensorwise)"
+python3 benchmarks/train_step.py --sides ours_fp8_delayed,ours_fp8_tensorwise --steps 6 \
+  --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
+python3 benchmarks/fp8_loss_curves.py 2>&1 | grep -v Warn | tail -12
+fi
+if want science; then
+echo "== 8. expressivity grid (rerun the same command until it exits 0; exit 4 = work left)"
+python3 tools/expressivity.py --out /tmp/runs/expressivity --device cuda --jobs 12 --time-limit 480
+cp -r /tmp/runs/expressivity "$OUT/" 2>/dev/null
 fi
