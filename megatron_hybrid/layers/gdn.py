@@ -63,6 +63,39 @@ class GDNShape:
     save_intermediates: bool = False
 
 
+class _SplitPerHead(torch.autograd.Function):
+    """``proj [b, s, H, P]`` (per head ``[q | k | v | g]``) -> ``(qkv [b, s, H*n] contiguous,
+    gate [b, s, H, P-n] a view)``.
+
+    Plain slicing would be the same forward, but its backward zero-fills a full-width gradient
+    for each slice and adds the two: three extra passes over the layer's widest activation.
+    Here the backward writes each part's gradient once into one uninitialised buffer."""
+
+    @staticmethod
+    def forward(ctx, proj_bshP, n: int):
+        b, s, H, _ = proj_bshP.shape
+        ctx.n, ctx.shape, ctx.dtype = n, proj_bshP.shape, proj_bshP.dtype
+        qkv = proj_bshP[..., :n].reshape(b, s, H * n)  # a copy: the conv reads it contiguous
+        gate = proj_bshP[..., n:]  # read in place by the gated norm
+        return qkv, gate
+
+    @staticmethod
+    def backward(ctx, d_qkv, d_gate):
+        b, s, H, _ = ctx.shape
+        n = ctx.n
+        dev = (d_qkv if d_qkv is not None else d_gate).device
+        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=dev)
+        if d_qkv is None:
+            grad[..., :n].zero_()
+        else:
+            grad[..., :n] = d_qkv.view(b, s, H, n)
+        if d_gate is None:
+            grad[..., n:].zero_()
+        else:
+            grad[..., n:] = d_gate
+        return grad, None
+
+
 class OlmoGatedDeltaNet(mcore.MegatronModule):
     """GDN mixer: returns ``(output [s, b, D], None)`` like megatron's attention modules."""
 
@@ -140,8 +173,7 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             ab_sbX, _ = self.ab_proj(hidden_states)
         s, b = proj_sbX.shape[:2]
         proj_bshX = proj_sbX.transpose(0, 1).reshape(b, s, H, self.per_head_in)
-        qkv_bsC = proj_bshX[..., : 2 * K + V].reshape(b, s, H * (2 * K + V))
-        gate_bshV = proj_bshX[..., 2 * K + V :]
+        qkv_bsC, gate_bshV = _SplitPerHead.apply(proj_bshX, 2 * K + V)
 
         ab_bsh2 = ab_sbX.transpose(0, 1).reshape(b, s, H, 2)
         a_bsh, b_bsh = ab_bsh2[..., 0], ab_bsh2[..., 1]
