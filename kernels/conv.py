@@ -10,12 +10,10 @@ which is what HF transformers runs.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
+from .dispatch import triton_available, triton_interpreting
 from .doc_boundaries import doc_start_index
 
 
@@ -61,14 +59,6 @@ def causal_conv1d_torch(
 BACKENDS = ("auto", "torch", "triton")
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def causal_conv1d(
     x_BTC,
     weight_CW,
@@ -86,7 +76,7 @@ def causal_conv1d(
     if backend not in BACKENDS:
         raise ValueError(f"unknown conv backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     if backend == "auto":
-        use_triton = (x_BTC.is_cuda or _interpreting()) and _triton_available()
+        use_triton = (x_BTC.is_cuda or triton_interpreting()) and triton_available()
         backend = "triton" if use_triton else "torch"
     if backend == "triton":
         # imported here: model code imports this module on machines without a GPU

@@ -26,26 +26,19 @@ or under TRITON_INTERPRET=1, else torch).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.distributed as dist
 
+from .dispatch import triton_available, triton_interpreting
+
 BACKENDS = ("auto", "torch", "triton")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _use_triton(logits: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"unknown cross-entropy backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return (logits.is_cuda or _interpreting()) and importlib.util.find_spec(
-            "triton"
-        ) is not None
+        return (logits.is_cuda or triton_interpreting()) and triton_available()
     return backend == "triton"
 
 

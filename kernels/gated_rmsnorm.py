@@ -17,10 +17,10 @@ registers and writes one [V] partial; the [G, V] partials are summed by torch in
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from .dispatch import triton_interpreting
 
 try:
     import triton
@@ -45,10 +45,6 @@ def gated_rmsnorm_torch(
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     y = (weight * x32.to(x.dtype)) * F.silu(gate.float())
     return y.to(x.dtype)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def gated_rmsnorm(
@@ -79,7 +75,7 @@ def gated_rmsnorm(
             f"{tuple(gate.shape)}, {tuple(weight.shape)}"
         )
     if backend == "auto":
-        use_triton = (x.is_cuda or _interpreting()) and triton is not None
+        use_triton = (x.is_cuda or triton_interpreting()) and triton is not None
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
         return gated_rmsnorm_torch(x, gate, weight, eps)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import torch
 
+from ..dispatch import triton_interpreting
 from .chunk_torch import chunk_gated_delta_rule_torch
 from .naive import naive_recurrent_gated_delta_rule
 
@@ -103,11 +103,6 @@ def _check_fla_allowed(q: torch.Tensor) -> None:
         )
 
 
-def _triton_interpreting() -> bool:
-    """TRITON_INTERPRET=1: run our Triton kernels on CPU tensors in Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,7 +157,7 @@ def chunk_gated_delta_rule(
     if backend == "auto":
         # ours on CUDA (and on CPU under Triton's interpreter, as CI tests it), else chunked torch
         fits = 16 <= K <= 256 and 16 <= V <= 256 and not bad_triton
-        backend = "triton" if fits and (q.is_cuda or _triton_interpreting()) else "torch"
+        backend = "triton" if fits and (q.is_cuda or triton_interpreting()) else "torch"
     elif backend == "triton" and bad_triton:
         raise ValueError(
             f"the triton GDN backend is wrong at key head dim {K} < 32 with {q.dtype} on CUDA "
@@ -181,7 +176,7 @@ def chunk_gated_delta_rule(
     if backend == "naive":
         return naive_recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     if backend == "triton":
-        if not q.is_cuda and not _triton_interpreting():
+        if not q.is_cuda and not triton_interpreting():
             raise NotImplementedError(
                 f"backend='triton' needs CUDA tensors (got device {q.device}), or "
                 "TRITON_INTERPRET=1 to run its kernels in Triton's (slow) CPU interpreter; "
