@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def plot(results: dict, path: Path, title: str) -> None:
                 diff = [x - y for x, y in zip(r["loss"], base["loss"], strict=True)]
                 dx.plot(r["iterations"], diff, label=f"FP8 {name} - bf16")
     ax.set_ylabel("training loss")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)  # the run description is long
     ax.legend()
     ax.grid(alpha=0.3)
     dx.axhline(0, color="k", lw=0.5)

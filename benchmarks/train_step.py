@@ -20,7 +20,9 @@ Sides:
   and ``ours_fp8_peak_gib`` (the delayed side's peak);
 - ``attention``: our all-attention model of the same widths (``*-`` x 8);
 - ``seq32k`` / ``seq64k``: ours, hybrid and all-attention, at seq 32768 / 65536, micro-batch 1,
-  both with the same ``--long-flags`` (default: selective recompute of gdn, mlp, layernorm);
+  both with the same ``--long-flags`` (default: full recompute of every layer and the
+  precision-aware distributed optimizer with bf16 moments -- what fits both models on an 80 GB
+  H100 at 32K and 64K; selective recompute of gdn, mlp, layernorm ran out of memory there);
 - ``upstream``: megatron-core 0.19.2 ``HybridModel`` with its own TE spec
   (``<peers>/hybrid_step.py``; fla's Hopper guard is bypassed there for timing only);
 - ``olmo_core``: OLMo-core 3.0.0, eager and ``apply_compile()`` (``<peers>/olmo_core_step.py``).
@@ -229,12 +231,15 @@ def profile_ours(tr, args) -> dict:
 
 
 def _run(cmd, env=None, timeout=900) -> tuple[dict | list, str]:
-    """Run one side; returns (parsed RESULT json(s), tail of output)."""
+    """Run one side; returns (parsed RESULT json(s), tail of output). An env value of None
+    removes that variable for the child."""
     t0 = time.time()
+    child_env = {**os.environ, **(env or {})}
+    child_env = {k: v for k, v in child_env.items() if v is not None}
     proc = subprocess.run(
         cmd,
         cwd=ROOT,
-        env={**os.environ, **(env or {})},
+        env=child_env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -298,7 +303,10 @@ def orchestrate(args, save=lambda results, logs: None) -> dict:
                 results[name], logs[name] = _run(cmd, {"SEQ": str(args.seq)})
         elif side == "olmo_core":
             env = {
-                "PYTHONPATH": f"{args.oc_site}:{peers / 'ocstub'}:{os.environ.get('PYTHONPATH', '')}"
+                "PYTHONPATH": f"{args.oc_site}:{peers / 'ocstub'}:{os.environ.get('PYTHONPATH', '')}",
+                # its compiled side is torch.compile: a TORCHDYNAMO_DISABLE=1 inherited from
+                # scripts/gpu_checks.sh silently turned it into a second eager run (2026-12-05)
+                "TORCHDYNAMO_DISABLE": None,
             }
             r, logs[side] = _run(
                 [sys.executable, str(peers / "olmo_core_step.py"), "eager,compile"], env
@@ -408,7 +416,11 @@ def main(argv=None):
     ap.add_argument("--ours-flags", nargs="*", default=[], help="extra trainer flags for 'ours'")
     ap.add_argument(
         "--long-flags",
-        default="--recompute-granularity selective --recompute-modules gdn mlp layernorm",
+        default=(
+            "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1 "
+            "--use-precision-aware-optimizer --use-distributed-optimizer "
+            "--exp-avg-dtype bf16 --exp-avg-sq-dtype bf16"
+        ),
         help="trainer flags of the seq32k / seq64k sides (both models get the same)",
     )
     ap.add_argument("--json", default=str(RESULTS / "train_step_h200.json"))
