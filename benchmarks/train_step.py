@@ -17,7 +17,8 @@ Sides:
 - ``ours_fp8_delayed`` / ``ours_fp8_tensorwise`` (not in the default set): the same with FP8
   GEMMs, ``--fp8-format hybrid --fp8-recipe delayed`` / ``tensorwise`` (plus ``--ours-flags``);
   JSON keys ``ours_fp8_delayed_tokens_per_s_per_gpu``, ``ours_fp8_tensorwise_tokens_per_s_per_gpu``
-  and ``ours_fp8_peak_gib`` (the delayed side's peak);
+  and ``ours_fp8_peak_gib`` (the delayed side's peak); ``ours_fp8_params``: delayed with the
+  weights stored in FP8 (``--fp8-param-gather --use-distributed-optimizer``);
 - ``attention``: our all-attention model of the same widths (``*-`` x 8);
 - ``seq32k`` / ``seq64k``: ours, hybrid and all-attention, at seq 32768 / 65536, micro-batch 1,
   both with the same ``--long-flags`` (default: full recompute of every layer and the
@@ -50,7 +51,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 PROXY = ["--preset", "olmo_hybrid_7b", "--hybrid-layer-pattern", "G-G-G-*-G-G-G-*-"]
 ATTENTION = "*-*-*-*-*-*-*-*-"
 # FP8 sides: our trainer with --fp8-format hybrid and this --fp8-recipe
-FP8_SIDES = {"ours_fp8_delayed": "delayed", "ours_fp8_tensorwise": "tensorwise"}
+FP8_SIDES = {
+    "ours_fp8_delayed": "delayed",
+    "ours_fp8_tensorwise": "tensorwise",
+    "ours_fp8_params": "delayed",  # + FP8 weights as the model's parameters (below)
+}
+# the weights themselves in FP8 (TE's quantized model init): no bf16 weight copy next to the FP8
+# one, which is what keeps the plain FP8 sides ~1 byte/parameter above bf16's peak memory
+FP8_PARAM_FLAGS = ["--fp8-param-gather", "--use-distributed-optimizer"]
 
 
 # ---- one side, in this process -----------------------------------------------------------------
@@ -281,6 +289,7 @@ def orchestrate(args, save=lambda results, logs: None) -> dict:
             results["ours_pa"], logs[side] = _run(_ours_cmd(args, *_flag_args(pa)))
         elif side in FP8_SIDES:  # the same trainer with FP8 GEMMs (docs/training.md, "FP8")
             fp8 = ["--fp8-format", "hybrid", "--fp8-recipe", FP8_SIDES[side]]
+            fp8 += FP8_PARAM_FLAGS if side == "ours_fp8_params" else []
             results[side], logs[side] = _run(_ours_cmd(args, *_flag_args([*fp8, *args.ours_flags])))
         elif side == "attention":
             results["attention"], logs[side] = _run(_ours_cmd(args, "--pattern", ATTENTION))
@@ -347,6 +356,8 @@ def summarise(results: dict) -> dict:
         "gbs8_tokens_per_s_per_gpu",
     )
     put("ours_fp8_peak_gib", "ours_fp8_delayed", "peak_gib")
+    put("ours_fp8_params_gbs8_tokens_per_s_per_gpu", "ours_fp8_params", "gbs8_tokens_per_s_per_gpu")
+    put("ours_fp8_params_peak_gib", "ours_fp8_params", "peak_gib")
     put("ours_fp8_tensorwise_tokens_per_s_per_gpu", "ours_fp8_tensorwise", "tokens_per_s_per_gpu")
     put(
         "ours_fp8_tensorwise_gbs8_tokens_per_s_per_gpu",

@@ -11,7 +11,7 @@
 #      against fla (guard bypassed, timing only) and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
-# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests bench long fp8
+# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests bench long fp8 fp8curves
 # science -- only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
@@ -143,9 +143,12 @@ python3 benchmarks/train_step.py --sides seq32k,seq64k --peers /tmp/gpu/referenc
   --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
 fi
 if want fp8; then
-echo "== 7. FP8: speed on the proxy, then the 200-step loss curves (bf16 / delayed / tensorwise)"
-python3 benchmarks/train_step.py --sides ours_fp8_delayed,ours_fp8_tensorwise --steps 6 \
-  --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
+echo "== 7a. FP8: speed on the proxy (delayed, tensorwise, delayed with FP8 weights; ~4 min)"
+python3 benchmarks/train_step.py --sides ${FP8_SIDES:-ours,ours_fp8_delayed,ours_fp8_tensorwise,ours_fp8_params} \
+  --steps 6 --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
+fi
+if want fp8curves; then
+echo "== 7b. FP8: the 200-step loss curves of olmo_hybrid_1b (bf16 / delayed / tensorwise; ~5 min)"
 python3 benchmarks/fp8_loss_curves.py 2>&1 | grep -v Warn | tail -12
 fi
 if want science; then
