@@ -387,9 +387,14 @@ class OlmoHybridConfig:
             if use_cpu_initialization is None
             else use_cpu_initialization,
             bias_dropout_fusion=not cpu,
-            # megatron's fused SwiGLU (one kernel each way, keeps only the fc1 output) on GPU; on
-            # CPU the plain ops (its fuser is torch.compile, which needs a C++ toolchain there)
-            bias_activation_fusion=not cpu,
+            # The MLP's SwiGLU is our own fused kernel (kernels/swiglu.py; one Triton kernel each
+            # way, saves only the fc1 output; megatron's eager ops on CPU), which the layer specs
+            # hand to megatron's MLP as its activation module: megatron applies that module to the
+            # whole [.., 2F] fc1 output only with use_te_activation_func, which in turn requires
+            # bias_activation_fusion off (megatron's torch.compile-fused swiglu, eager without
+            # dynamo). Neither flag changes parameters or checkpoint keys.
+            bias_activation_fusion=False,
+            use_te_activation_func=True,
             # Weights are drawn by models/olmo_hybrid/init.py (same model at every layout).
             perform_initialization=False,
             apply_rope_fusion=False,

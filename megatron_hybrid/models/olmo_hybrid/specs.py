@@ -8,7 +8,8 @@
 Sub-layers (megatron-core HybridStack symbols):
     G  OlmoGDNLayer(input_layernorm=RMSNorm, self_attention=OlmoGatedDeltaNet)       pre-norm
     *  TransformerLayer(self_attention=OlmoSelfAttention incl. its post-norm)       post-norm
-    -  OlmoMLPLayer (SwiGLU; pre- or post-norm, set by OlmoHybridStack)
+    -  OlmoMLPLayer (MLP with our fused SwiGLU, layers/swiglu.py; pre- or post-norm, set by
+       OlmoHybridStack)
 
 ``recompute_modules`` (selective activation recompute, layers/recompute.py) is handed to every
 sub-layer that has a part to recompute.
@@ -27,6 +28,7 @@ from megatron_hybrid.layers.attention import (
 from megatron_hybrid.layers.gdn import GDNShape, GDNSubmodules, OlmoGatedDeltaNet, OlmoGDNLayer
 from megatron_hybrid.layers.mlp_layer import OlmoMLPLayer, OlmoMLPLayerSubmodules
 from megatron_hybrid.layers.norms import RMSNorm
+from megatron_hybrid.layers.swiglu import SwiGLU
 from megatron_hybrid.layers.te_attention import te_core_attention_class
 from megatron_hybrid.models.olmo_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.models.olmo_hybrid.stack import OlmoHybridStack
@@ -112,7 +114,11 @@ def stack_spec(
             norm=p.norm,
             mlp=mcore.ModuleSpec(
                 module=mcore.MLP,
-                submodules=mcore.MLPSubmodules(linear_fc1=p.column, linear_fc2=p.row),
+                # SwiGLU is our fused kernel: megatron's MLP applies it to the whole fc1 output
+                # because the config sets use_te_activation_func (models/olmo_hybrid/config.py)
+                submodules=mcore.MLPSubmodules(
+                    linear_fc1=p.column, linear_fc2=p.row, activation_func=SwiGLU
+                ),
             ),
         ),
     )
