@@ -66,6 +66,48 @@ def _check_inputs(
         )
 
 
+# Our compiled Triton kernels are refused at K <= this with 16-bit inputs on CUDA (see
+# _triton_refusal and docs/kernels.md, "Known faults").
+_TRITON_16BIT_REFUSED_MAX_K = 32
+
+
+def _triton_refusal(K: int, dtype: torch.dtype, on_cuda: bool) -> str | None:
+    """Why our *compiled* Triton GDN kernels must not run this configuration, else None.
+
+    16-bit inputs at K <= 32 on CUDA. Two faults on Hopper with Triton 3.6, neither visible in
+    Triton's interpreter (tests/kernels/test_gdn_bounds.py runs every kernel under an
+    out-of-bounds and race checker and finds none; the results match the float64 recurrence):
+
+    * K = 16, bf16 (H200, 2026-12-04, tests/gpu/test_gdn_packed_fuzz_gpu.py): o rel. error 1.2,
+      dk 3.5 at every packed layout; the ``tiny`` preset (16/32) hit an illegal address in the
+      backward. float32 is right.
+    * K = 32 / V = 64, bf16 (H100, tests/gpu/test_fp8.py, the plain bf16 reference model: 4 heads,
+      2 x 128 tokens): "an illegal memory access" raised at a Triton launch in the GDN backward.
+
+    Suspected cause (compiled for sm_90 offline, tools/kernel_resources.py): only at K <= 32
+    (state tiles KP <= 32 rows) do the [KP, C] x [C, *] products of the state passes and of
+    the reverse pass's right-hand sides (``_fwd_state_step``: ``tl.trans(k) @ udec``;
+    ``_bwd_chain_step``: ``tl.trans(W) @ kdS``; ``_bwd_rhs_kernel``: ``tl.trans(qdec) @ do``,
+    ``tl.trans(W) @ Mdo``) fall back from wgmma to mma.sync, at 8 warps on 16 / 32 rows, i.e.
+    with warps replicated 2-8x, and the results (the loop-carried state) are written back to
+    shared memory as the next product's operand; at K = 16 also wgmma with N = 8 per warpgroup
+    in the bwd chunk kernel (dq, dk; Triton issue #7830: wrong results or a crash for 16-bit
+    N = 8 on H100). float32 takes none of these paths (exact products on FMA units). At K = 64,
+    96 and 128 every product runs on wgmma with tile shapes the passing H200 checks compiled too.
+    ``GDN_TRITON_CFG=kp_min=64`` (pad the key dim of the tiles to 64: only such shapes) is the
+    candidate fix, CPU-tested but not yet run on a GPU; tests/kernels/test_gdn_triton_gpu.py
+    checks the kernels with and without it at the test_fp8 shape and at K = 16."""
+    sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+    if on_cuda and sixteen_bit and K <= _TRITON_16BIT_REFUSED_MAX_K:
+        cmp = f"{K} < 32" if K < 32 else f"{K} <= 32"
+        return (
+            f"our Triton GDN kernels are refused at key head dim {cmp} with {dtype} on CUDA "
+            "(16-bit faults on Hopper: wrong results at K = 16, an illegal address at "
+            "K = 32 / V = 64; docs/kernels.md, 'Known faults')"
+        )
+    return None
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     """'3.7.1+git1234' -> (3, 7, 1); non-numeric tails are dropped."""
     parts = []
@@ -134,8 +176,8 @@ def chunk_gated_delta_rule(
         backend: ``"auto"``, ``"torch"`` (chunked PyTorch), ``"naive"`` (float64 reference),
             ``"triton"`` (ours: :mod:`.triton_chunk`; CUDA, or CPU with ``TRITON_INTERPRET=1``)
             or ``"fla"`` (flash-linear-attention). ``"auto"`` picks ``"triton"`` on CUDA (and on
-            CPU under ``TRITON_INTERPRET=1``) when ``16 <= K, V <= 256`` (``K >= 32`` for 16-bit
-            inputs on CUDA: a known fault), else ``"torch"``.
+            CPU under ``TRITON_INTERPRET=1``) when ``16 <= K, V <= 256`` (``K > 32`` for 16-bit
+            inputs on CUDA: known faults, see ``_triton_refusal``), else ``"torch"``.
         save_intermediates: ``"triton"`` only (the others ignore it): keep the forward's chunk
             intermediates (W, u, per-chunk states) for the backward instead of recomputing them,
             for identical gradients. A speed-for-memory trade like activation recomputation in
@@ -150,19 +192,16 @@ def chunk_gated_delta_rule(
         raise ValueError(f"unknown GDN backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     K, V = q.shape[-1], v.shape[-1]
-    # Our Triton kernels are wrong at K < 32 with 16-bit inputs on CUDA (H200, 2026-12-04:
-    # o rel. error 1.2 at K = 16 bf16; fp32 and K >= 32 are right; docs/kernels.md): never
-    # run them there. "auto" takes the chunked torch path instead; asking for them is an error.
-    bad_triton = q.is_cuda and K < 32 and q.dtype in (torch.bfloat16, torch.float16)
+    # Our compiled Triton kernels fault at K <= 32 with 16-bit inputs on CUDA (wrong results at
+    # K = 16, an illegal address at K = 32 / V = 64; see _triton_refusal): never run them there.
+    # "auto" takes the chunked torch path instead (right, slower); asking for them is an error.
+    refusal = _triton_refusal(K, q.dtype, q.is_cuda)
     if backend == "auto":
         # ours on CUDA (and on CPU under Triton's interpreter, as CI tests it), else chunked torch
-        fits = 16 <= K <= 256 and 16 <= V <= 256 and not bad_triton
+        fits = 16 <= K <= 256 and 16 <= V <= 256 and refusal is None
         backend = "triton" if fits and (q.is_cuda or triton_interpreting()) else "torch"
-    elif backend == "triton" and bad_triton:
-        raise ValueError(
-            f"the triton GDN backend is wrong at key head dim {K} < 32 with {q.dtype} on CUDA "
-            "(a known fault, docs/kernels.md): use backend 'auto' or 'torch', fp32, or K >= 32"
-        )
+    elif backend == "triton" and refusal is not None:
+        raise ValueError(f"{refusal}: use backend 'auto' or 'torch', float32, or K > 32")
 
     kwargs = dict(
         scale=scale,

@@ -268,10 +268,31 @@ class _Config:
     # 16-bit rounding less in W and U (o error 4.45e-3 -> 4.13e-3, fla's 4.45e-3, under
     # benchmarks/gdn_emulated_errors.py) for C / (2V) of v's size more memory; 0 = Tinv in the
     # buffer dtype (what the H200 measurements of 2026-11-29 ran)
+    kp_min: int = 0  # pad the key dim of every tile to at least this (a power of 2; 0: no
+    # padding beyond the next power of 2). kp_min=64 is the candidate fix, unverified on a GPU,
+    # for the 16-bit faults at K <= 32 (docs/kernels.md, "Known faults"): K = 16 / 32 then
+    # compiles to the tile shapes of K = 64 (state slices [64, BV] on wgmma instead of the
+    # mma.sync fallback with replicated warps, K blocks of 32 / 64 instead of 16), the padding
+    # masked. Set only through GDN_TRITON_CFG (it is read before the other fields are derived).
+
+
+def _cfg_overrides() -> dict[str, int]:
+    """GDN_TRITON_CFG="name=value,..." as a dict (unknown names are an error)."""
+    out = {}
+    for item in filter(None, os.environ.get("GDN_TRITON_CFG", "").split(",")):
+        name, value = (x.strip() for x in item.split("="))
+        if name not in _Config.__dataclass_fields__:
+            raise ValueError(f"GDN_TRITON_CFG: unknown setting {name!r}")
+        out[name] = int(value)
+    return out
 
 
 def _config(K: int, V: int, LOWP: int) -> _Config:
-    KP, VP = _pow2(K), _pow2(V)
+    overrides = _cfg_overrides()
+    kp_min = overrides.pop("kp_min", 0)
+    if kp_min & (kp_min - 1):
+        raise ValueError(f"GDN_TRITON_CFG: kp_min must be a power of 2, got {kp_min}")
+    KP, VP = max(_pow2(K), kp_min), _pow2(V)
     if KP <= 128:
         cfg = _Config(
             KP=KP, BK=min(KP, 64), BV=min(VP, 64), bv_out=min(VP, 128),
@@ -307,13 +328,11 @@ def _config(K: int, V: int, LOWP: int) -> _Config:
         # pipelining (the float32 path is for checking, not speed; it spills at any setting)
         cfg.w_prep = cfg.w_fstate = cfg.w_out = cfg.w_bstate = cfg.w_bchunk = 8
         cfg.pf_fstate = cfg.bk_out = cfg.pipe_bstate = 0
-    for item in filter(None, os.environ.get("GDN_TRITON_CFG", "").split(",")):
-        name, value = (x.strip() for x in item.split("="))
-        if not hasattr(cfg, name):
-            raise ValueError(f"GDN_TRITON_CFG: unknown setting {name!r}")
+    cfg.kp_min = kp_min
+    for name, value in overrides.items():
         if LOWP == _DOT_F32 and name.startswith(("w_", "pf_")):
             continue  # the float32 path keeps its warps and prefetch
-        setattr(cfg, name, int(value))
+        setattr(cfg, name, value)
     return cfg
 
 

@@ -314,6 +314,28 @@ def test_api_dispatch(monkeypatch):
         chunk_gated_delta_rule(**inputs, backend="triton")
 
 
+def test_triton_refused_at_small_k_16bit_on_cuda():
+    """The dispatch guard (api._triton_refusal): our compiled kernels are refused at K <= 32 with
+    16-bit inputs on CUDA (Hopper faults, docs/kernels.md); float32, K > 32 and the interpreter
+    are not affected."""
+    from kernels.gdn.api import _triton_refusal
+
+    for K in (16, 24, 32):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert _triton_refusal(K, dtype, on_cuda=True), (K, dtype)
+    assert "key head dim 16 < 32" in _triton_refusal(16, torch.bfloat16, True)
+    assert "key head dim 32 <= 32" in _triton_refusal(32, torch.bfloat16, True)
+    for K, dtype, on_cuda in [(33, torch.bfloat16, True), (64, torch.float16, True),
+                              (16, torch.float32, True), (32, torch.bfloat16, False)]:  # fmt: skip
+        assert _triton_refusal(K, dtype, on_cuda) is None, (K, dtype, on_cuda)
+    # on CPU (interpreter) 'triton' still runs ours at K = 32 in bf16
+    inputs = make_inputs(9, 32, 16, seed=3)
+    low = {n: x.bfloat16() for n, x in inputs.items()}
+    o, _ = chunk_gated_delta_rule(**low, backend="triton")
+    o_t, _ = chunk_gated_delta_rule_triton(**low)
+    assert torch.equal(o, o_t)
+
+
 def test_rejects_unsupported_head_dims():
     inputs = make_inputs(8, 8, 32, seed=29)
     with pytest.raises(ValueError, match="16 <= K, V <= 256"):
