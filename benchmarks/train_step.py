@@ -204,34 +204,54 @@ CATEGORIES = [
     ("norms", r"rmsnorm|_norm_|layernorm|rmsnorm"),
     ("GDN recurrence", r"chunk|gdn|delta|_wy|_fwd_|_bwd_|_l2norm|recurrence|transition|kkt"),
     ("attention", r"flash|fmha|attn|attention|sdpa|cudnn"),
-    ("GEMM", r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|wgrad|dgrad"),
+    ("GEMM", r"gemm|cutlass|nvjet|sm90_xmma|cublas|matmul|wgrad|dgrad|^aten::(addmm|mm|bmm)$"),
     ("elementwise / copies", r"elementwise|vectorized|copy|fill|reduce|index|cat|unrolled"),
 ]
 
 
 def profile_ours(tr, args) -> dict:
-    """CUDA time per category over 2 full steps (torch.profiler), ms per step."""
+    """Kernel time per category, and per model module x category (benchmarks/module_profile.py),
+    over 2 full steps at global batch 1 (torch.profiler), ms per step. On CPU (the harness test)
+    op CPU time stands in for kernel time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import module_profile
+
+    def category(name):
+        return next((c for c, pat in CATEGORIES if re.search(pat, name, re.I)), "other")
+
+    cuda = torch.cuda.is_available()
     tr.run.train.global_batch_size = 1  # one micro-batch per step: fwd+bwd + optimizer
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            tr.train_step()
-        torch.cuda.synchronize()
+    unlabel = module_profile.label_modules(tr.chunks)
+    try:
+        activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+        with profile(activities=[activity, ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                tr.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        unlabel()
     by_cat: dict[str, float] = {}
     top: dict[str, float] = {}
-    for ev in prof.key_averages():
-        us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-        if not us:
-            continue
-        name = ev.key
-        cat = next((c for c, pat in CATEGORIES if re.search(pat, name, re.I)), "other")
-        by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3 / 2
-        top[name] = top.get(name, 0.0) + us / 1e3 / 2
-    out = {"what": f"global batch 1, seq {args.seq}"}
+    by_module = module_profile.attribute(prof.events(), category, cpu=not cuda)
+    for row in by_module.values():
+        for cat, us in row.items():
+            by_cat[cat] = by_cat.get(cat, 0.0) + us / 1e3 / 2
+    if cuda:
+        for ev in prof.key_averages():
+            us = ev.self_device_time_total
+            if us and ev.device_type.name == "CUDA":
+                top[ev.key] = top.get(ev.key, 0.0) + us / 1e3 / 2
+    out = {"what": f"global batch 1, seq {args.seq}" + ("" if cuda else ", CPU op time")}
     out["ms_per_step_by_category"] = dict(sorted(by_cat.items(), key=lambda kv: -kv[1]))
     out["top_kernels_ms_per_step"] = dict(sorted(top.items(), key=lambda kv: -kv[1])[:25])
+    out["ms_per_step_by_module"] = {
+        m: {c: us / 1e3 / 2 for c, us in sorted(row.items(), key=lambda kv: -kv[1])}
+        for m, row in by_module.items()
+    }
     return out
 
 
@@ -503,13 +523,24 @@ def main(argv=None):
 
 
 def print_profile(prof: dict) -> None:
-    """Category table (markdown, for BENCHMARKS.md) and the top kernels."""
+    """Category table and module x category table (markdown, for BENCHMARKS.md), top kernels."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import module_profile
+
     total = sum(prof["ms_per_step_by_category"].values())
-    print(f"CUDA time per step ({prof.get('what', '')}), total {total:.1f} ms")
+    print(f"time per step ({prof.get('what', '')}), total {total:.1f} ms")
     print("| category | ms per step | share |\n|---|---|---|")
     for k, v in prof["ms_per_step_by_category"].items():
         print(f"| {k} | {v:.1f} | {100 * v / total:.1f}% |")
-    print("\ntop kernels (ms per step):")
+    if prof.get("ms_per_step_by_module"):
+        print("\nby module (forward ranges; backward ops matched to them by autograd sequence nr):")
+        us = {
+            m: {c: v * 1e3 for c, v in row.items()}
+            for m, row in prof["ms_per_step_by_module"].items()
+        }
+        print(module_profile.table(us))
+    if prof.get("top_kernels_ms_per_step"):
+        print("\ntop kernels (ms per step):")
     for k, v in prof["top_kernels_ms_per_step"].items():
         print(f"  {v:8.2f}  {k[:110]}")
 

@@ -13,7 +13,7 @@ def test_harness_writes_table_and_json(tmp_path):
     out = tmp_path / "ts.json"
     proc = run_python(
         ["benchmarks/train_step.py", "--tiny", "--sides", "ours", "--seq", "64", "--steps", "2"]
-        + ["--json", str(out)],
+        + ["--profile-ours", "--json", str(out)],
         env={"OUT": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -30,3 +30,11 @@ def test_harness_writes_table_and_json(tmp_path):
     r = rec["results"]["ours"]
     assert r["tokens_per_s_per_gpu"] > 0 and r["gbs8_step_ms"] > r["step_ms"] * 2
     assert (tmp_path / "train_step_logs.json").exists()
+    # the profile charges time to modules in the forward *and* (by autograd sequence number) in
+    # the backward: an attribution that lost the backward would leave the bwd rows empty
+    by_module = r["profile"]["ms_per_step_by_module"]
+    for module in ("GDN mixer", "attention mixer", "MLP", "LM head"):
+        for direction in ("fwd", "bwd"):
+            row = by_module.get(f"{direction} {module}", {})
+            assert sum(row.values()) > 0, (direction, module, sorted(by_module))
+    assert "| fwd GDN mixer |" in proc.stdout and "| bwd MLP |" in proc.stdout
