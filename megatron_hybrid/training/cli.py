@@ -97,6 +97,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--recompute-method": ("recompute.method", str),
     "--recompute-num-layers": ("recompute.num_layers", int),
     "--recompute-modules": ("recompute.modules", "list"),
+    "--gpu-memory-gib": ("train.gpu_memory_gib", float),
 }
 
 
@@ -185,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print resolved config, parallel layout, parameters and FLOPs, then exit "
+        help="print resolved config, parallel layout, parameters, FLOPs and a per-GPU memory "
+        "estimate, then exit "
         "without building a model",
     )
     p.add_argument(

@@ -195,6 +195,11 @@ class TrainConfig:
     checkpoint for very large ones (the manifest is still written on save)."""
     tensorboard_dir: str | None = None
     wandb_project: str | None = None
+    gpu_memory_gib: float | None = None
+    """Memory of one GPU in GiB (> 0) for the fit check of the memory estimate that --dry-run
+    and the startup banner print (training/memory.py); None = the visible CUDA device's, or no
+    check without one (e.g. planning a Slurm job on a login node: --gpu-memory-gib 79.2 for an
+    80 GB H100)."""
     max_consecutive_nan: int = 5
     """Stop the run after this many consecutive steps with NaN/inf loss or grad norm (>= 1)."""
     exit_on_signal: bool = True
@@ -357,6 +362,7 @@ NUMERIC_RULES: dict[str, str] = {
     "train.eval_iters": _AT_LEAST_1,
     "train.save_interval": _AT_LEAST_1,
     "train.max_consecutive_nan": _AT_LEAST_1,
+    "train.gpu_memory_gib": _POSITIVE,
     "train.fp8_margin": _AT_LEAST_0,
     "train.fp8_amax_history_len": _AT_LEAST_1,
     "train.num_layers_at_start_in_bf16": _AT_LEAST_0,

@@ -1,5 +1,6 @@
-"""Human-readable run summary: parallel layout, parameters by layer type, FLOPs/token split.
-Printed by ``--dry-run`` (no model is allocated) and as the startup banner."""
+"""Human-readable run summary: parallel layout, parameters by layer type, FLOPs/token split,
+per-GPU memory estimate. Printed by ``--dry-run`` (no model is allocated) and as the startup
+banner."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import json
 
 from megatron_hybrid.training.config import fp8_bf16_blocks, fp8_recipe
 from megatron_hybrid.training.flops import flops_per_token, gemm_precision_split
+from megatron_hybrid.training.memory import (
+    FIT_FRACTION,
+    GIB,
+    device_memory_gib,
+    estimate,
+    fits,
+    suggestions,
+)
 
 # megatron's --fp8-recipe names -> Transformer Engine recipe classes
 _TE_RECIPES = {
@@ -73,6 +82,7 @@ def describe(
         if k != "total":
             lines.append(f"  {k:<22} {v:.4e}  ({100.0 * v / fl['total']:5.1f}%)")
     lines += fp8_lines(run)
+    lines += memory_lines(run, world_size, spec=flavour, microbatches=nmb)
     return "\n".join(lines)
 
 
@@ -120,3 +130,88 @@ def fp8_lines(run) -> list[str]:
         "decay/beta math, norms, attention core (TE attention in bf16), embedding, loss"
     )
     return lines
+
+
+def _gib(x: float, unit: int = GIB) -> str:
+    return f"{x / unit:.1f}"
+
+
+def memory_lines(run, world_size: int, spec=None, microbatches=None, capacity_gib=None):
+    """The per-GPU memory estimate (training/memory.py) as report lines: the breakdown, the
+    largest activation items and, when the card's size is known (``capacity_gib``,
+    --gpu-memory-gib, or a visible CUDA device), whether it fits and what would make it fit."""
+    spec = spec or (run.train.spec if run.train.spec != "auto" else "te")
+    st = estimate(run, world_size, spec, microbatches)
+    p = run.parallel
+    where = f"{len(st.blocks)} blocks"
+    if p.pipeline > 1:
+        where = f"pipeline stage {st.stage} of {p.pipeline}, {where}"
+    plural = "es" if st.in_flight != 1 else ""
+    dp_cp = run.data_parallel_size(world_size) * p.context
+    unit, name = (GIB, "GiB") if st.total >= GIB else (2**20, "MiB")  # tiny models: MiB
+    parts = [
+        f"weights {_gib(st.weights, unit)} {name}",
+        f"grads {_gib(st.grads, unit)}",
+        f"optimizer {_gib(st.optimizer, unit)} ({_optimizer_note(run, dp_cp)})",
+    ]
+    if st.overhead:
+        parts.append(f"TE wgrad buffers {_gib(st.overhead, unit)}")
+    parts += [
+        f"activations {_gib(st.activations, unit)} (recompute: {_recompute_label(run)}; "
+        f"{st.in_flight:g} micro-batch{plural} in flight)",
+        f"logits {_gib(st.logits, unit)}",
+        f"temporaries {_gib(st.temporaries, unit)}",
+        f"total ~{_gib(st.total, unit)} {name}",
+    ]
+    top = sorted(st.items.items(), key=lambda kv: -kv[1])[:4]
+    lines = [
+        f"memory per GPU (estimate, {spec} spec, rank with the most: {where}): "
+        + " | ".join(parts),
+        f"  peak at {st.peak_at}; largest activation items: "
+        + ", ".join(f"{k} {_gib(v, unit)} {name}" for k, v in top),
+    ]
+    capacity = capacity_gib or run.train.gpu_memory_gib or device_memory_gib()
+    if capacity:
+        lines.append("  " + _verdict(run, world_size, st.total, capacity, spec, microbatches))
+    return lines
+
+
+def _optimizer_note(run, dp_cp: int) -> str:
+    o = run.optim
+    if run.train.precision == "fp32":
+        note = "fp32 Adam moments; the fp32 weights are the master copy"
+    elif o.precision_aware_optimizer:
+        master = "bf16 + 16-bit remainder" if o.main_params_dtype == "fp32" else "fp16"
+        note = f"master {master}, moments {o.exp_avg_dtype}/{o.exp_avg_sq_dtype}"
+    else:
+        note = "fp32 master + moments"
+    if run.parallel.distributed_optimizer and dp_cp > 1:
+        note += f", sharded over DP x CP = {dp_cp}"
+    return note
+
+
+def _recompute_label(run) -> str:
+    r = run.recompute
+    if r.granularity is None:
+        return "off"
+    if r.granularity == "full":
+        return f"full {r.method} {r.num_layers}"
+    return "selective " + " ".join(sorted(r.selective_modules()))
+
+
+def _verdict(run, world_size, total, capacity, spec, microbatches) -> str:
+    share = f"{100 * total / (capacity * GIB):.0f}% of the card"
+    if fits(total, capacity):
+        return f"fits in {capacity:.1f} GiB ({share}; {100 * (1 - FIT_FRACTION):.0f}% kept free)"
+    line = (
+        f"does not fit in {capacity:.1f} GiB ({share}; a run needs <= "
+        f"{100 * FIT_FRACTION:.0f}%: the CUDA context and allocator fragmentation take the rest)"
+    )
+    tips = suggestions(run, world_size, capacity, spec, microbatches)
+    if tips:
+        return line + ": try " + " or ".join(f"{f} (~{_gib(b)} GiB)" for f, b in tips)
+    return line + (
+        ": no recompute / optimizer setting fits alone; split the model over more GPUs "
+        "(--tensor-model-parallel-size with --sequence-parallel, --context-parallel-size, "
+        "--pipeline-model-parallel-size) or shorten --seq-length"
+    )
