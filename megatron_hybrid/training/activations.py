@@ -111,11 +111,11 @@ def gdn_items(s: Shape) -> list[Item]:
     items = _norm("gdn.norm", s, True) + [
         # the norm's output, kept by in_proj and by the bf16 ab_proj (FP8: in_proj's copy on top)
         Item("gdn.in_proj_input", res, ln, fp8="shared"),
-        # [q|k|v|gate] per head: the gate is a view the gated norm keeps, so all of it stays
-        Item("gdn.in_proj_output", a * H * (2 * K + 2 * V)),
-        # the pre-conv q|k|v copy (the gdn checkpoint's input); with one head per rank it is a
-        # view of in_proj_output, which the conv copies for itself (not under gdn recompute)
-        Item("gdn.conv_input", a * H * (2 * K + V), gdn if H == 1 else frozenset()),
+        # the in_proj output [q|k|v|gate] is split into two copies and freed: the gate (kept by
+        # the gated norm) and the pre-conv q|k|v (kept by the conv, or as the gdn checkpoint's
+        # input)
+        Item("gdn.gate", a * H * V),
+        Item("gdn.conv_input", a * H * (2 * K + V)),
         # softplus in/out and g (fp32), sigmoid output and beta
         Item("gdn.decay_beta", 12 * H + (2 if s.neg_eigval else 1) * a * H),
         Item("gdn.kernel_qkv", a * H * (2 * K + V), gdn),  # L2-normalised q, k; contiguous v
