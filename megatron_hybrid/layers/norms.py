@@ -5,7 +5,9 @@
   (megatron's own torch norm refuses sequence parallelism).
 - ``TPFullWidthRMSNorm``: Olmo's QK-norm, taken over the *full* projection width although each
   TP rank holds only its heads' slice: the sum of squares is all-reduced across TP, and the
-  weight is sharded like the heads.
+  weight is sharded like the heads. Computed by ``kernels/rmsnorm.py`` (Triton on CUDA and under
+  TRITON_INTERPRET=1: keeps only the input, weight and an fp32 rstd per row; else the eager
+  torch ops, unchanged).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from megatron_hybrid import mcore
+from megatron_hybrid.kernels.rmsnorm import tp_rmsnorm
 from megatron_hybrid.parallel.collectives import all_reduce_sum
 
 
@@ -52,11 +55,12 @@ class TPFullWidthRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(full_width // tp, dtype=config.params_dtype))
         mcore.set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        # differentiable (the torch path runs autograd through it); identity on one rank
+        return all_reduce_sum(t, self.tp_group)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        sum_sq = all_reduce_sum(x32.pow(2).sum(-1, keepdim=True), self.tp_group)
-        y = x32 * torch.rsqrt(sum_sq / self.full_width + self.eps)
-        return (self.weight * y).to(x.dtype)
+        return tp_rmsnorm(x, self.weight, self.eps, self.full_width, self._all_reduce)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return mcore.make_sharded_tensors_for_checkpoint(

@@ -136,7 +136,7 @@ def gdn_items(s: Shape) -> list[Item]:
 
 
 def attention_items(s: Shape) -> list[Item]:
-    """The ``*`` sub-layer: fused qkv, full-width QK RMSNorm (torch, fp32), RoPE, core attention,
+    """The ``*`` sub-layer: fused qkv, full-width QK RMSNorm (our kernel), RoPE, core attention,
     o_proj, Olmo 3 post-norm (layers/attention.py). No pre-norm: the layer input goes to qkv."""
     a, n, g, d, res = s.a, s.n, s.g, s.d, s.a * s.D / s.sp
     ca = frozenset({"core_attn"})
@@ -146,8 +146,11 @@ def attention_items(s: Shape) -> list[Item]:
     kv = (s.cp + 0.5 if s.spec == "te" else s.cp) if s.cp > 1 else 1.0
     items = [
         Item("attn.qkv_input", res, fp8="own"),
-        # fp32 input, normalised value and rstd of q and of k (TPFullWidthRMSNorm, torch ops)
-        Item("attn.qk_norm_fp32", 8 * (n + g) * d + 8),
+        # TPFullWidthRMSNorm (kernels/rmsnorm.py, Triton on the GPU) keeps its input and an fp32
+        # rstd per row, for q and for k. The inputs are copies out of the qkv output when a rank
+        # holds several KV groups; with one they are views of it, which they keep whole (v too)
+        Item("attn.qk_norm_input", a * (n + g if g > 1 else n + 2 * g) * d),
+        Item("attn.qk_norm_rstd", 8),
     ]
     if s.rope:
         items.append(Item("attn.rope_cos_sin", 4 * a * d))
