@@ -129,8 +129,13 @@ fi
 TS_JSON=${TS_JSON:-/tmp/ts/train_step.json}
 if want gputests; then
 echo "== 5. GPU tests of the lean step, recompute, FP8 and the GDN guard"
-python3 -m pytest -q -x tests/kernels/test_cross_entropy.py tests/gpu/test_recompute_gpu.py \
-  tests/gpu/test_gdn_packed_fuzz_gpu.py tests/gpu/test_fp8.py 2>&1 | tail -15
+# no -x: on 2026-12-05 one GDN fault stopped the run before any FP8 test ran
+python3 -m pytest -q -rfE tests/kernels/test_cross_entropy.py tests/kernels/test_swiglu.py \
+  tests/kernels/test_rmsnorm.py tests/gpu/test_recompute_gpu.py tests/gpu/test_gdn_packed_fuzz_gpu.py \
+  tests/gpu/test_fp8.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -25
+# the 16-bit K <= 32 GDN fault: defaults vs the kp_min=64 candidate, each setting in its own
+# process with CUDA_LAUNCH_BLOCKING=1 (docs/kernels.md, "Known faults")
+python3 -m pytest -q -m gpu -s tests/kernels/test_gdn_triton_gpu.py -k small_k 2>&1 | tail -25
 fi
 if want bench; then
 echo "== 6a. train step: ours (+profile), precision-aware, upstream, OLMo-core, all-attention"
