@@ -1,6 +1,6 @@
 """Registers and spills of every GDN Triton kernel one fwd+bwd launches (and, with
 ``--conv-norm``, of the layer's conv1d and gated-norm kernels), compiled for a GPU architecture
-on a machine without one.
+on a machine without one. ``--mlp-qknorm`` adds the MLP's SwiGLU and attention's QK-norm.
 
 Tuning the kernels (``GDN_TRITON_CFG``, see ``kernels/gdn/triton_chunk._Config``) is mostly a
 matter of registers: a tile that spills, or a register count that halves the programs an SM
@@ -160,6 +160,31 @@ def conv_norm_rows(channels: int, head_v: int, dtype: torch.dtype, arch: int) ->
     return rows
 
 
+def mlp_qknorm_rows(ffn: int, qk_width: int, dtype: torch.dtype, arch: int, sms: int) -> list[dict]:
+    """The MLP's SwiGLU (fc1 output ``2 * ffn`` wide) and attention's full-width QK-norm (rows of
+    ``qk_width``) fwd+bwd, with the block sizes and grid the GPU path picks (``sms`` sizes the
+    norm backward's grid)."""
+    import types
+
+    from kernels import rmsnorm_triton, swiglu_triton
+
+    rmsnorm_triton._gpu_sizes = lambda x: True
+    props = torch.cuda.get_device_properties
+    torch.cuda.get_device_properties = lambda d: types.SimpleNamespace(multi_processor_count=sms)
+    R = 256  # rows: the grid, not the kernels, depends on them
+    x = torch.randn(R, 2 * ffn, dtype=dtype)
+    q, dq = torch.randn(R, qk_width, dtype=dtype), torch.randn(R, qk_width, dtype=dtype)
+    w, r = torch.ones(qk_width, dtype=dtype), torch.ones(R)
+    try:
+        with compile_only(arch) as rows:
+            swiglu_triton.swiglu_bwd_triton(x, swiglu_triton.swiglu_fwd_triton(x))
+            rmsnorm_triton.norm_fwd(q, w, rmsnorm_triton.row_reduce(q, None, None), qk_width, 1e-6)
+            rmsnorm_triton.norm_bwd(q, dq, w, r, rmsnorm_triton.row_reduce(q, dq, w), qk_width)
+    finally:
+        torch.cuda.get_device_properties = props
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="4,8192,30,96,192", help="B,T,H,K,V")
@@ -168,6 +193,8 @@ def main() -> None:
     ap.add_argument("--sms", type=int, default=132, help="multiprocessors (H200: 132)")
     ap.add_argument("--conv-norm", metavar="CHANNELS,V", help="also the conv1d over CHANNELS and "
                     "the gated norm over rows of V (Olmo Hybrid 7B: 11520,192)")  # fmt: skip
+    ap.add_argument("--mlp-qknorm", metavar="FFN,WIDTH", help="also the SwiGLU over an FFN-wide "
+                    "MLP and the QK-norm over rows of WIDTH (Olmo Hybrid 7B: 11008,3840)")  # fmt: skip
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -176,6 +203,9 @@ def main() -> None:
     if args.conv_norm:
         channels, head_v = (int(s) for s in args.conv_norm.split(","))
         rows += conv_norm_rows(channels, head_v, dtype, args.arch)
+    if args.mlp_qknorm:
+        ffn, width = (int(s) for s in args.mlp_qknorm.split(","))
+        rows += mlp_qknorm_rows(ffn, width, dtype, args.arch, args.sms)
     cfg = os.environ.get("GDN_TRITON_CFG", "")
     print(f"sm_{args.arch}, shape {shape}, {args.dtype}, GDN_TRITON_CFG={cfg!r}"
           + (f", conv / norm {args.conv_norm}" if args.conv_norm else ""))  # fmt: skip

@@ -1,5 +1,5 @@
-"""The GDN kernels' default settings (and the layer's conv1d and gated-norm kernels) compile for
-Hopper (sm_90) without register spills.
+"""The GDN kernels' default settings (and the layer's conv1d, gated-norm, SwiGLU and QK-norm
+kernels) compile for Hopper (sm_90) without register spills.
 
 A spill or a register count past 255 is a performance regression that no CPU test of results
 can see (the interpreter has no registers), and the GPU is not always at hand: this compiles
@@ -23,7 +23,9 @@ SHAPES = {"olmo_30h_k96_v192": "4,8192,30,96,192", "32h_k128_v128": "1,8192,32,1
 EXPECTED = {  # K = 96 splits the bwd chunk work in three kernels, K = 128 keeps it fused
     "olmo_30h_k96_v192": {"_bwd_local_kernel", "_bwd_kblock_kernel", "_bwd_finish_kernel"}
     | {"_conv4_fwd_kernel", "_conv4_bwd_kernel"}  # conv1d and norm at Olmo Hybrid 7B widths
-    | {"_gated_rmsnorm_fwd_kernel", "_gated_rmsnorm_bwd_kernel"},
+    | {"_gated_rmsnorm_fwd_kernel", "_gated_rmsnorm_bwd_kernel"}
+    | {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"}  # the MLP and QK-norm kernels at 7B widths
+    | {"_row_reduce_kernel", "_norm_fwd_kernel", "_norm_bwd_kernel"},
     "32h_k128_v128": {"_bwd_chunk_kernel"},
 }
 COMMON = {
@@ -39,7 +41,9 @@ def test_default_kernels_compile_for_sm90_without_spills(name, tmp_path):
     out = tmp_path / "res.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "kernel_resources.py"), "--shape", shape,
-         "--json", str(out)] + (["--conv-norm", "11520,192"] if name.startswith("olmo") else []),
+         "--json", str(out)]
+        + (["--conv-norm", "11520,192", "--mlp-qknorm", "11008,3840"] if name.startswith("olmo")
+           else []),
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
