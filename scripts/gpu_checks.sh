@@ -144,8 +144,11 @@ python3 benchmarks/train_step.py --sides ${BENCH_SIDES:-ours,ours_pa,upstream,ol
 fi
 if want long; then
 echo "== 6b. train step at 32K and 64K: hybrid vs all-attention, same recompute flags"
-python3 benchmarks/train_step.py --sides seq32k,seq64k --peers /tmp/gpu/reference \
-  --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
+# LONG_FLAGS overrides the trainer flags of both models (default: train_step.py's full recompute +
+# precision-aware optimizer), e.g. LONG_FLAGS="--recompute-granularity selective
+# --recompute-modules gdn mlp layernorm" (the dry-run memory estimate says it fits at 32K now)
+python3 benchmarks/train_step.py --sides ${LONG_SIDES:-seq32k,seq64k} --peers /tmp/gpu/reference \
+  ${LONG_FLAGS:+--long-flags "$LONG_FLAGS"} --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
 fi
 if want fp8; then
 echo "== 7a. FP8: speed on the proxy (delayed, tensorwise, delayed with FP8 weights; ~4 min)"
