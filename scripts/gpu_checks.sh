@@ -11,7 +11,7 @@
 #      against fla (guard bypassed, timing only) and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
-# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests bench long fp8 fp8curves
+# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests bench long fp8 fp8curves recall
 # science -- only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
@@ -163,9 +163,14 @@ if want science; then
 echo "== 8. expressivity grid (rerun the same command until it exits 0; exit 4 = work left)"
 # state_recall gets its own, longer run: at the default 1500 steps even the hybrid with beta in
 # (0,2) stays near chance (one real-size cell on CPU, docs/science.md)
+# (step "recall", one device call of its own)
 python3 tools/expressivity.py --out /tmp/runs/expressivity --device cuda --jobs 12 --time-limit 480 \
   --tasks s5 parity mqar
+cp -r /tmp/runs/expressivity "$OUT/" 2>/dev/null
+fi
+if want recall; then
+echo "== 8b. state-based recall, 6000 steps (rerun until it exits 0)"
 python3 tools/expressivity.py --out /tmp/runs/expressivity_recall --device cuda --jobs 12 \
   --time-limit 480 --tasks state_recall --train-iters 6000
-cp -r /tmp/runs/expressivity /tmp/runs/expressivity_recall "$OUT/" 2>/dev/null
+cp -r /tmp/runs/expressivity_recall "$OUT/" 2>/dev/null
 fi
