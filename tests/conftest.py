@@ -21,12 +21,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_RENDEZVOUS_VARS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+
+
 def run_python(
     args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``python <args>`` (``torchrun --nproc-per-node nproc`` when nproc > 1) from the repo
-    root; ``env`` adds variables to the environment."""
-    base = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    root; ``env`` adds variables to the environment.
+
+    The rendezvous variables of this process are not inherited: a test that set up a process
+    group in-process (parallel.state.initialize writes MASTER_PORT) would otherwise hand its own,
+    still bound, port to the child, which then fails with EADDRINUSE (seen on the H100)."""
+    base = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    base.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env = {**base, **(env or {})}
     if nproc > 1:
         cmd = [
