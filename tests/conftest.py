@@ -21,7 +21,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_RENDEZVOUS_VARS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}
+_RENDEZVOUS_VARS = {
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+}
 
 
 def run_python(

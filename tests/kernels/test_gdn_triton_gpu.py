@@ -15,6 +15,8 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,17 +194,16 @@ def test_gpu_api_auto_uses_triton():
 
 # ---- the 16-bit faults at K <= 32 (kernels/gdn/api.py _triton_refusal, docs/kernels.md) -------
 #
-# Our compiled kernels gave wrong results at K = 16 in bf16 (H200) and an illegal address in the
-# backward of tests/gpu/test_fp8.py's bf16 reference model (K = 32, V = 64; H100), so the api
-# refuses them at K <= 32 with 16-bit inputs on CUDA. The tests below run the kernels directly,
-# each setting in its own process with CUDA_LAUNCH_BLOCKING=1 (a fault poisons the process that
-# hits it, and names the launch), against the float64 recurrence on the same bf16 inputs:
-#
-# * default fails, kp_min64 passes: the suspicion holds (docs/kernels.md); make kp_min=64 the
-#   16-bit default at K <= 32 in triton_chunk._config and drop api._triton_refusal;
-# * default passes at the test_fp8 shape: our kernels are right there and the model's illegal
-#   address came from another kernel (rerun tests/gpu/test_fp8.py with CUDA_LAUNCH_BLOCKING=1);
-# * the other settings narrow down which kernel setting matters.
+# Our compiled kernels are wrong at K <= 32 with 16-bit inputs on sm_90 (Triton 3.6), so the api
+# refuses them there (kernels/gdn/api.py _triton_refusal) and `auto` takes the torch path. The H100
+# sitting of 2026-12-05 ran the kernels directly, each setting in its own process with
+# CUDA_LAUNCH_BLOCKING=1, against the float64 recurrence (docs/kernels.md, "Known faults"):
+#   K 32 / V 64: default, pipe_bstate=0 and 4 warps fault in the backward; kp_min=64 and
+#                split_bchunk=1 run but dk is wrong (rel. error 5.3-5.5); o right (3.8e-3).
+#   K 16 / V 32: o wrong (1.2) under every setting; kp_min=64 also faults in the backward.
+# No setting fixes both, so the guard stays. The default case is a strict xfail: the day a Triton
+# upgrade makes the kernels right it fails, and the guard can go. GDN_SMALL_K_SWEEP=1 runs the
+# other settings too (diagnosis only; ~10 s each).
 
 FP8_MODEL = (2, 128, 4, 32, 64)  # B, T, H, K, V of tests/gpu/test_fp8.py's model (bf16, no packing)
 TINY_HEADS = (1, 256, 6, 16, 32)  # the tiny preset's heads (the K = 16 fault)
@@ -264,7 +265,15 @@ def run_small_k_case(shape, cfg: str) -> dict:
     return {"said": said[-4:], "errs": errs, "rc": p.returncode}
 
 
-@pytest.mark.parametrize("cfg", list(SMALL_K_CFGS.values()), ids=list(SMALL_K_CFGS))
+_SWEEP = os.environ.get("GDN_SMALL_K_SWEEP") == "1"
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [pytest.param("", id="default", marks=pytest.mark.xfail(
+        strict=True, reason="Triton 3.6 on sm_90: 16-bit K <= 32 is wrong or faults (guarded)"))]
+    + [pytest.param(c, id=n) for n, c in SMALL_K_CFGS.items() if n != "default" and _SWEEP],
+)  # fmt: skip
 @pytest.mark.parametrize("shape", [FP8_MODEL, TINY_HEADS], ids=["fp8_model_k32v64", "k16v32"])
 def test_gpu_small_k_bf16_kernels(shape, cfg):
     res = run_small_k_case(shape, cfg)
