@@ -161,8 +161,11 @@ python3 benchmarks/train_step.py --sides ${LONG_SIDES:-seq32k,seq64k} --peers /t
 fi
 if want fp8; then
 echo "== 7a. FP8: speed on the proxy (delayed, tensorwise, delayed with FP8 weights; ~4 min)"
+# FP8_PROFILE: sides that also print their profile by module (ours_fp8_params: its step costs
+# ~115 ms more than plain FP8's at the same fwd+bwd, H100 2026-12-05; find where)
 python3 benchmarks/train_step.py --sides ${FP8_SIDES:-ours,ours_fp8_delayed,ours_fp8_tensorwise,ours_fp8_params} \
-  --steps 6 --json "$TS_JSON" 2>&1 | grep -v Warn | tail -12
+  --profile-sides "${FP8_PROFILE:-ours_fp8_params}" --steps 6 --json "$TS_JSON" > "$OUT/fp8bench.log" 2>&1
+grep -v Warn "$OUT/fp8bench.log" | grep -vE "^RESULT" | tail -45
 fi
 if want fp8curves; then
 echo "== 7b. FP8: the 200-step loss curves of olmo_hybrid_1b (bf16 / delayed / tensorwise; ~5 min)"
