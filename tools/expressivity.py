@@ -63,6 +63,12 @@ def main(argv=None) -> int:
         help="seconds: start no cell that would end later, stop running ones then (the same "
         "command resumes). 510 keeps a sitting under 9 minutes",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="trainer precision of every cell (default fp32: see GridConfig.precision)",
+    )
     a = p.parse_args(argv)
     if a.device == "cuda":
         import torch
@@ -87,6 +93,7 @@ def main(argv=None) -> int:
         warmup_iters=1 if a.toy else 100,
         eval_examples=a.eval_examples or (16 if a.toy else 512),
         eval_batch_size=16 if a.toy else 64,
+        precision=a.precision,
     )
     doc = ex.run_grid(grid, a.out, jobs=a.jobs, time_limit=a.time_limit)
     print(open(os.path.join(a.out, "expressivity.md")).read())

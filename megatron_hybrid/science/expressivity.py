@@ -52,16 +52,34 @@ class TaskSpec:
 
 @dataclass
 class GridConfig:
+    """One expressivity grid: every task x architecture x seed is a training run (a cell)."""
+
     tasks: dict[str, TaskSpec]
+    """Task name -> lengths and options (REAL_TASKS or TOY_TASKS)."""
     archs: list[str]
+    """Architecture names of ``architectures()`` (equal parameter counts by MLP width)."""
     seeds: list[int]
+    """Seeds per cell (model init and data)."""
     shape: ModelShape = field(default_factory=ModelShape)
+    """Widths and depth shared by every architecture."""
     train_iters: int = 2000
+    """Optimizer steps per cell."""
     global_batch_size: int = 64
+    """Examples per step (one micro-batch)."""
     lr: float = 1e-3
+    """Peak learning rate (cosine to lr / 10 after warm-up)."""
     warmup_iters: int = 100
+    """Linear warm-up steps."""
     eval_examples: int = 512
+    """Test examples per evaluation length."""
     eval_batch_size: int = 64
+    """Examples per evaluation forward."""
+    precision: str = "fp32"
+    """Trainer precision (``--fp32`` / ``--bf16``). fp32 by default: these models are tiny and
+    launch-bound, so bf16 buys no speed, while state tracking over 8x the trained length is
+    exactly where bf16 rounding of the GDN state could pass for an architecture's limit. On
+    CUDA it also keeps the GDN heads (K 32) on our Triton kernels, which are guarded off for
+    16-bit inputs at K <= 32 (docs/kernels.md, "Known faults")."""
 
 
 # The real grid (one H200, docs/science.md): lengths trained on, then 2x, 4x, 8x longer.
@@ -116,6 +134,7 @@ def cell_argv(grid: GridConfig, spec: TaskSpec, arch_name: str, seed: int,
         "--eval-iters", "1",
         "--log-interval", str(max(1, t // 10)),
         "--seed", str(seed),
+        f"--{grid.precision}",
         f"model.hidden_size={s.hidden_size}",
         f"model.num_attention_heads={s.attention_heads}",
         f"model.num_key_value_heads={s.attention_heads}",

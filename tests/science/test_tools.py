@@ -68,6 +68,7 @@ def test_toy_expressivity_grid(tmp_path):
     assert abs(p["transformer"] - p["hybrid_beta02"]) / p["transformer"] < 0.01  # equal size
     for cell in doc["cells"]:
         assert "--hybrid-layer-pattern" in cell["argv"] and cell["device"] == "cpu"
+        assert "--fp32" in cell["argv"]  # the grid's precision is explicit, GPU or not
         for length in ("6", "12"):  # the toy parity test lengths
             m = cell["metrics"][length]
             assert m["answers"] == 8 * int(length) and 0.0 <= m["accuracy"] <= 1.0
@@ -117,3 +118,16 @@ def test_toy_ladder_resumes_and_fits(tmp_path):
     third = run_python([*base, "--rung", "hybrid_r1"], timeout=300)
     assert third.returncode == 0 and "hybrid_r1: done" in third.stdout
     assert os.path.getsize(rungs / "hybrid_r1.log") == size
+
+
+def test_grid_precision_reaches_the_trainer():
+    """Every cell runs at the grid's precision: fp32 unless asked (GridConfig.precision)."""
+    from megatron_hybrid.science import expressivity as ex
+    from megatron_hybrid.training.cli import parse
+
+    for precision in ("fp32", "bf16"):
+        grid = ex.GridConfig(tasks={"parity": ex.TOY_TASKS["parity"]}, archs=["hybrid_beta02"],
+                             seeds=[1], shape=ex.TOY_SHAPE, precision=precision)  # fmt: skip
+        (cell,) = ex.plan(grid)
+        run, _ = parse(cell["argv"])
+        assert run.train.precision == precision
