@@ -1,7 +1,6 @@
 """Triton causal conv1d vs the PyTorch reference: through Triton's CPU interpreter on machines
 without CUDA, compiled on CUDA tensors otherwise."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,26 +12,15 @@ except ImportError:  # run from a checkout without the package installed
 import pytest
 import torch
 
-# Triton binds its own library (tl.zeros, tl.sum, ...) to the interpreter or to the compiler when
-# it is first imported, and our kernels when their module is imported: on a machine without CUDA
-# pick the interpreter before both, then restore the variable so that modules collected later
-# keep their default (torch) dispatch; the fixture below sets it again during these tests only.
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-_saved_env = os.environ.get("TRITON_INTERPRET")
+from tests.kernels.triton_mode import (  # noqa: E402
+    DEVICE,
+    import_kernels,
+    skip_module_unless_interpreted,
+    triton_interpreter,  # noqa: F401 (autouse: the interpreter while each test runs)
+)
 
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-if not ON_GPU and (
-    "triton" not in sys.modules or _interpreted(sys.modules["triton"].language.zeros)
-):
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from kernels import conv  # noqa: E402
-from kernels import conv_triton as ct  # noqa: E402
+# the interpreter on machines without CUDA (tests/kernels/triton_mode.py says why it is done so)
+conv, ct = import_kernels("kernels.conv", "kernels.conv_triton")
 from kernels.conv import causal_conv1d, causal_conv1d_torch  # noqa: E402
 from kernels.conv_triton import (  # noqa: E402
     causal_conv1d_triton,
@@ -40,25 +28,9 @@ from kernels.conv_triton import (  # noqa: E402
     causal_conv1d_update_torch,
 )
 
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
-if not ON_GPU and not (_interpreted(ct._conv_fwd_kernel) and _interpreted(ct.tl.zeros)):
-    pytest.skip(
-        "triton was imported in compiled mode before this module could select the interpreter; "
-        "run tests/kernels on its own (or with TRITON_INTERPRET=1)",
-        allow_module_level=True,
-    )
+skip_module_unless_interpreted(ct._conv_fwd_kernel, ct.tl.zeros)
 
 TOL = 1e-5  # fp32 relative L2 error (observed ~1e-7: only the summation order differs)
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """Without CUDA: TRITON_INTERPRET=1 while a test runs (dispatch and tile sizes read it)."""
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -3,42 +3,23 @@ values and gradients, for the Triton kernels (interpreter on CPU, compiled on GP
 path, fp64/fp32/bf16 logits, masked-out (-inf) vocabulary slices, and a vocabulary split over 2
 tensor-parallel ranks (gloo)."""
 
-import os
-import sys
-
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-_saved_env = os.environ.get("TRITON_INTERPRET")
+from tests.conftest import run_python
+from tests.kernels.triton_mode import (
+    DEVICE,
+    ON_GPU,
+    import_kernels,
+    interpreted,
+    triton_interpreter,  # noqa: F401 (autouse: the interpreter while each test runs)
+)
 
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-# Triton binds interpreter-or-compiler at import (see test_conv_triton.py for the full story).
-if not ON_GPU and (
-    "triton" not in sys.modules or _interpreted(sys.modules["triton"].language.zeros)
-):
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from megatron_hybrid.kernels import cross_entropy_triton as cet  # noqa: E402
+# the interpreter on machines without CUDA (tests/kernels/triton_mode.py says why it is done so)
+(cet,) = import_kernels("megatron_hybrid.kernels.cross_entropy_triton")
 from megatron_hybrid.kernels.cross_entropy import cross_entropy_with_z_loss  # noqa: E402
-from tests.conftest import run_python  # noqa: E402
 
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
-TRITON_OK = ON_GPU or _interpreted(cet._row_stats_kernel)
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+TRITON_OK = ON_GPU or interpreted(cet._row_stats_kernel)
 
 
 def reference(logits, target, z_coeff):

@@ -1,7 +1,6 @@
 """Triton gated RMSNorm vs the PyTorch reference: through Triton's CPU interpreter on machines
 without CUDA, compiled on CUDA tensors otherwise."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,45 +13,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# Triton binds its own library to the interpreter or the compiler when first imported (see
-# test_conv_triton.py): choose the interpreter before that on machines without CUDA, then
-# restore the variable so that later modules keep their default dispatch.
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-_saved_env = os.environ.get("TRITON_INTERPRET")
+from tests.kernels.triton_mode import (  # noqa: E402
+    DEVICE,
+    import_kernels,
+    skip_module_unless_interpreted,
+    triton_interpreter,  # noqa: F401 (autouse: the interpreter while each test runs)
+)
 
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-if not ON_GPU and (
-    "triton" not in sys.modules or _interpreted(sys.modules["triton"].language.zeros)
-):
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from kernels import gated_rmsnorm as gr  # noqa: E402
+# the interpreter on machines without CUDA (tests/kernels/triton_mode.py says why it is done so)
+(gr,) = import_kernels("kernels.gated_rmsnorm")
 from kernels.gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_torch  # noqa: E402
 
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
-if not ON_GPU and not (_interpreted(gr._gated_rmsnorm_fwd_kernel) and _interpreted(gr.tl.zeros)):
-    pytest.skip(
-        "triton was imported in compiled mode before this module could select the interpreter; "
-        "run tests/kernels on its own (or with TRITON_INTERPRET=1)",
-        allow_module_level=True,
-    )
+skip_module_unless_interpreted(gr._gated_rmsnorm_fwd_kernel, gr.tl.zeros)
 
 TOL = 1e-5  # fp32 relative L2 error (observed ~1e-7)
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    """Without CUDA: TRITON_INTERPRET=1 while a test runs (dispatch and tile sizes read it)."""
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

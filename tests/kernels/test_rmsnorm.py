@@ -5,44 +5,26 @@ tensor parallelism emulated in one process (two ranks in two threads with a summ
 collective) against the unsplit norm; what the Triton path saves for the backward; strided
 inputs. The GPU tests run the 7B width (8192 x 3840 bf16) and row offsets past 2**31."""
 
-import os
-import sys
 import threading
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-_saved_env = os.environ.get("TRITON_INTERPRET")
+from tests.kernels.triton_mode import (
+    DEVICE,
+    ON_GPU,
+    import_kernels,
+    interpreted,
+    triton_interpreter,  # noqa: F401 (autouse: the interpreter while each test runs)
+)
 
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-# Triton binds interpreter-or-compiler at import (see test_conv_triton.py for the full story).
-if not ON_GPU and (
-    "triton" not in sys.modules or _interpreted(sys.modules["triton"].language.zeros)
-):
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from megatron_hybrid.kernels import rmsnorm_triton as rt  # noqa: E402
+# the interpreter on machines without CUDA (tests/kernels/triton_mode.py says why it is done so)
+(rt,) = import_kernels("megatron_hybrid.kernels.rmsnorm_triton")
 from megatron_hybrid.kernels.rmsnorm import tp_rmsnorm, tp_rmsnorm_torch  # noqa: E402
 
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
-TRITON_OK = ON_GPU or _interpreted(rt._norm_fwd_kernel)
+TRITON_OK = ON_GPU or interpreted(rt._norm_fwd_kernel)
 BACKENDS = ["torch"] + (["triton"] if TRITON_OK else [])
 EPS = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def reference(x, w, dy, width):

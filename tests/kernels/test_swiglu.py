@@ -4,43 +4,24 @@ Triton kernels (interpreter on CPU, compiled on GPU) and the torch path; the tor
 megatron's eager glu op for op. The GPU tests run the real width (2F = 22016) and a row count
 whose element offsets pass 2**31."""
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-_saved_env = os.environ.get("TRITON_INTERPRET")
+from tests.kernels.triton_mode import (
+    DEVICE,
+    ON_GPU,
+    import_kernels,
+    interpreted,
+    triton_interpreter,  # noqa: F401 (autouse: the interpreter while each test runs)
+)
 
-
-def _interpreted(fn) -> bool:
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-# Triton binds interpreter-or-compiler at import (see test_conv_triton.py for the full story).
-if not ON_GPU and (
-    "triton" not in sys.modules or _interpreted(sys.modules["triton"].language.zeros)
-):
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from megatron_hybrid.kernels import swiglu_triton as st  # noqa: E402
+# the interpreter on machines without CUDA (tests/kernels/triton_mode.py says why it is done so)
+(st,) = import_kernels("megatron_hybrid.kernels.swiglu_triton")
 from megatron_hybrid.kernels.swiglu import swiglu, swiglu_torch  # noqa: E402
 
-if _saved_env is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_env
-TRITON_OK = ON_GPU or _interpreted(st._swiglu_fwd_kernel)
+TRITON_OK = ON_GPU or interpreted(st._swiglu_fwd_kernel)
 BACKENDS = ["torch"] + (["triton"] if TRITON_OK else [])
-
-
-@pytest.fixture(autouse=True)
-def triton_interpreter(monkeypatch):
-    if not ON_GPU:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def reference(x, dy):
