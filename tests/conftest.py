@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_hybrid.parallel.child_env import without_rendezvous
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HF_CONFIG = ROOT / "tests" / "fixtures" / "tiny_hf_config.json"
 
@@ -19,16 +21,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-_RENDEZVOUS_VARS = {
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-}
 
 
 def run_python(
@@ -40,7 +32,7 @@ def run_python(
     The rendezvous variables of this process are not inherited: a test that set up a process
     group in-process (parallel.state.initialize writes MASTER_PORT) would otherwise hand its own,
     still bound, port to the child, which then fails with EADDRINUSE (seen on the H100)."""
-    base = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    base = without_rendezvous(os.environ)
     base.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env = {**base, **(env or {})}
     if nproc > 1:

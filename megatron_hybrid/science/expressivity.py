@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from megatron_hybrid.parallel.child_env import without_rendezvous
 from megatron_hybrid.science.architectures import (
     ModelShape,
     architectures,
@@ -214,19 +215,7 @@ def run_cell(cell: dict, log_path: str) -> dict:
 
 
 def _worker_env(gpu: int | None) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "LOCAL_WORLD_SIZE",
-        )  # fmt: skip
-    }
+    env = without_rendezvous(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
