@@ -4,6 +4,8 @@
     python tools/scaling_ladder.py --out runs/ladder --plan
     # run (or resume) the ladder for at most 510 s, then write the report; repeat until done
     python tools/scaling_ladder.py --out runs/ladder --time-limit 510
+    # the same with 4 rungs at a time on the GPU(s): small rungs leave most of a GPU idle
+    python tools/scaling_ladder.py --out runs/ladder --time-limit 510 --jobs 4
     # CPU toy (what the tests run)
     python tools/scaling_ladder.py --out /tmp/ladder --toy
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -104,7 +107,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap draws for the multiplier's interval"
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="rungs trained at once, each in its own process (--rung), spread over the visible "
+        "GPUs; the largest rungs start first",
+    )
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs {a.jobs}: at least 1")
     t0 = time.time()
     deadline = t0 + a.time_limit if a.time_limit else None
 
@@ -172,6 +185,14 @@ def main(argv=None) -> int:
             signal.signal(sig, lambda signum, _f: stop.append(signum))
 
     watch_signals()
+    if not a.report_only and a.jobs > 1 and a.rung is None:
+        failed = run_parallel(plans, a.out, raw_argv, a.jobs, deadline, stop)
+        doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
+        print(open(os.path.join(a.out, "scaling_ladder.md")).read())
+        if failed:
+            print(f"[ladder] failed: {', '.join(failed)} (their logs: rungs/<name>.stdout)")
+            return 1
+        return 4 if doc["pending"] else 0
     if not a.report_only:
         todo = plans
         if a.rung is not None:
@@ -207,6 +228,81 @@ def main(argv=None) -> int:
     doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
     print(open(os.path.join(a.out, "scaling_ladder.md")).read())
     return 4 if doc["pending"] else 0
+
+
+def _child_argv(raw: list[str], name: str, remaining: float | None) -> list[str]:
+    """This command line for one rung: without --jobs / --time-limit, with --rung NAME and the
+    time left."""
+    out, skip = [], False
+    for arg in raw:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--jobs", "--time-limit"):
+            skip = True
+            continue
+        if arg.startswith(("--jobs=", "--time-limit=")):
+            continue
+        out.append(arg)
+    out += ["--rung", name]
+    if remaining is not None:
+        out += ["--time-limit", f"{remaining:.0f}"]
+    return out
+
+
+def run_parallel(plans, out: str, raw_argv: list[str], jobs: int, deadline, stop) -> list[str]:
+    """Train the pending rungs ``jobs`` at a time, each a ``--rung`` child process (its own
+    process group and port; output in rungs/<name>.stdout), largest first so the longest rung
+    does not start last. A signal stops new starts and is passed on to the running rungs,
+    which save. Returns the rungs whose process failed."""
+    import torch
+
+    from megatron_hybrid.parallel.child_env import without_rendezvous
+
+    gpus = torch.cuda.device_count()
+    pending = [
+        pl
+        for pl in sorted(plans, key=lambda pl: -pl["flops"])
+        if not os.path.isfile(os.path.join(out, "rungs", pl["name"] + ".json"))
+    ]
+    running: dict[str, tuple[subprocess.Popen, int]] = {}  # name -> (process, slot)
+    failed: list[str] = []
+    forwarded = False
+    while pending or running:
+        free = sorted(set(range(jobs)) - {slot for _, slot in running.values()})
+        while pending and free and not stop:
+            remaining = None if deadline is None else deadline - time.time()
+            if remaining is not None and remaining < 30:
+                print(f"[ladder] time limit: {len(pending)} rungs not started")
+                pending = []
+                break
+            pl, slot = pending.pop(0), free.pop(0)
+            env = without_rendezvous(os.environ)
+            if gpus > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            with open(os.path.join(out, "rungs", pl["name"] + ".stdout"), "a") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__),
+                     *_child_argv(raw_argv, pl["name"], remaining)],
+                    stdout=log, stderr=subprocess.STDOUT, env=env,
+                )  # fmt: skip
+            running[pl["name"]] = (proc, slot)
+            print(f"[ladder] {pl['name']}: started (slot {slot})", flush=True)
+        if stop and not forwarded:
+            for proc, _ in running.values():
+                proc.send_signal(stop[0])
+            forwarded, pending = True, []
+        for name, (proc, _) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[name]
+            state = {0: "done", 4: "stopped (saved; rerun resumes)"}.get(rc, f"FAILED (exit {rc})")
+            print(f"[ladder] {name}: {state}", flush=True)
+            if rc not in (0, 4):
+                failed.append(name)
+        time.sleep(0.5)
+    return failed
 
 
 if __name__ == "__main__":

@@ -95,9 +95,11 @@ def test_toy_ladder_resumes_and_fits(tmp_path):
         assert (rungs / name / "latest_checkpointed_iteration.txt").read_text() == "4"
         assert not (rungs / f"{name}.json").exists()
     assert "Incomplete: 4 rungs pending" in (out / "scaling_ladder.md").read_text()
-    # 2) the same command without the stop resumes every rung from step 4 and finishes it
-    second = run_python(base, timeout=300)
-    assert second.returncode == 0, second.stderr[-3000:]
+    # 2) the same command without the stop resumes every rung from step 4 and finishes it,
+    #    here two rungs at a time, each in its own process (--jobs)
+    second = run_python([*base, "--jobs", "2"], timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.stdout.count(": started (slot") == 4 and "FAILED" not in second.stdout
     doc = json.loads((out / "scaling_ladder.json").read_text())
     assert doc["pending"] == []
     for r in doc["rungs"]:
