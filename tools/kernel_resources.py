@@ -185,6 +185,18 @@ def mlp_qknorm_rows(ffn: int, qk_width: int, dtype: torch.dtype, arch: int, sms:
     return rows
 
 
+def split_heads_rows(width: int, head: int, dtype: torch.dtype, arch: int) -> list[dict]:
+    """GDN's per-head projection split and its gradient merge over rows of ``width`` columns,
+    the first ``head`` of them to the conv (Olmo Hybrid 7B: 576, 384)."""
+    from kernels import split_heads_triton
+
+    x = torch.randn(64, width, dtype=dtype)
+    with compile_only(arch) as rows:
+        a, b = split_heads_triton.split_heads_triton(x, head)
+        split_heads_triton.merge_heads_triton(a, b, 64, width, head, dtype, "cpu")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="4,8192,30,96,192", help="B,T,H,K,V")
@@ -195,6 +207,8 @@ def main() -> None:
                     "the gated norm over rows of V (Olmo Hybrid 7B: 11520,192)")  # fmt: skip
     ap.add_argument("--mlp-qknorm", metavar="FFN,WIDTH", help="also the SwiGLU over an FFN-wide "
                     "MLP and the QK-norm over rows of WIDTH (Olmo Hybrid 7B: 11008,3840)")  # fmt: skip
+    ap.add_argument("--split-heads", metavar="P,N", help="also GDN's projection split over rows "
+                    "of P columns, N to the conv (Olmo Hybrid 7B: 576,384)")  # fmt: skip
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -206,6 +220,9 @@ def main() -> None:
     if args.mlp_qknorm:
         ffn, width = (int(s) for s in args.mlp_qknorm.split(","))
         rows += mlp_qknorm_rows(ffn, width, dtype, args.arch, args.sms)
+    if args.split_heads:
+        width, head = (int(s) for s in args.split_heads.split(","))
+        rows += split_heads_rows(width, head, dtype, args.arch)
     cfg = os.environ.get("GDN_TRITON_CFG", "")
     print(f"sm_{args.arch}, shape {shape}, {args.dtype}, GDN_TRITON_CFG={cfg!r}"
           + (f", conv / norm {args.conv_norm}" if args.conv_norm else ""))  # fmt: skip

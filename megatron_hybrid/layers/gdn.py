@@ -37,6 +37,7 @@ from megatron_hybrid import mcore
 from megatron_hybrid.kernels.conv import causal_conv1d
 from megatron_hybrid.kernels.gated_rmsnorm import gated_rmsnorm
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
+from megatron_hybrid.kernels.split_heads import merge_heads, split_heads
 from megatron_hybrid.layers import recompute
 from megatron_hybrid.parallel import context
 from megatron_hybrid.parallel.gdn_cp import gdn_conv_and_recurrence_cp
@@ -65,7 +66,8 @@ class GDNShape:
 
 class _SplitPerHead(torch.autograd.Function):
     """``proj [b, s, H, P]`` (per head ``[q | k | v | g]``) -> ``(qkv [b, s, H*n], gate
-    [b, s, H, P-n])``, both contiguous copies.
+    [b, s, H, P-n])``, both contiguous copies (kernels/split_heads.py: one Triton pass each way
+    on GPU instead of torch's strided copies).
 
     Plain slicing would be the same forward, but its backward zero-fills a full-width gradient
     for each slice and adds the two: three extra passes over the layer's widest activation.
@@ -77,29 +79,22 @@ class _SplitPerHead(torch.autograd.Function):
     2.5 KB/token extra write."""
 
     @staticmethod
-    def forward(ctx, proj_bshP, n: int):
-        b, s, H, _ = proj_bshP.shape
-        ctx.n, ctx.shape, ctx.dtype = n, proj_bshP.shape, proj_bshP.dtype
+    def forward(ctx, proj_bshP, n: int, backend: str):
+        b, s, H, P = proj_bshP.shape
+        ctx.n, ctx.shape, ctx.dtype, ctx.backend = n, proj_bshP.shape, proj_bshP.dtype, backend
         # the conv reads qkv contiguous (with one head reshape alone would give a strided view)
-        qkv = proj_bshP[..., :n].reshape(b, s, H * n).contiguous()
-        gate = proj_bshP[..., n:].contiguous()
-        return qkv, gate
+        qkv, gate = split_heads(proj_bshP.reshape(b * s * H, P), n, backend=backend)
+        return qkv.view(b, s, H * n), gate.view(b, s, H, P - n)
 
     @staticmethod
     def backward(ctx, d_qkv, d_gate):
-        b, s, H, _ = ctx.shape
-        n = ctx.n
+        b, s, H, P = ctx.shape
+        n, rows = ctx.n, b * s * H
         dev = (d_qkv if d_qkv is not None else d_gate).device
-        grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=dev)
-        if d_qkv is None:
-            grad[..., :n].zero_()
-        else:
-            grad[..., :n] = d_qkv.view(b, s, H, n)
-        if d_gate is None:
-            grad[..., n:].zero_()
-        else:
-            grad[..., n:] = d_gate
-        return grad, None
+        head = None if d_qkv is None else d_qkv.reshape(rows, n)
+        tail = None if d_gate is None else d_gate.reshape(rows, P - n)
+        grad = merge_heads(head, tail, (rows, P), ctx.dtype, dev, backend=ctx.backend)
+        return grad.view(ctx.shape), None, None
 
 
 class OlmoGatedDeltaNet(mcore.MegatronModule):
@@ -179,7 +174,8 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             ab_sbX, _ = self.ab_proj(hidden_states)
         s, b = proj_sbX.shape[:2]
         proj_bshX = proj_sbX.transpose(0, 1).reshape(b, s, H, self.per_head_in)
-        qkv_bsC, gate_bshV = _SplitPerHead.apply(proj_bshX, 2 * K + V)
+        copy_backend = "torch" if g_cfg.backend in ("torch", "naive") else "auto"
+        qkv_bsC, gate_bshV = _SplitPerHead.apply(proj_bshX, 2 * K + V, copy_backend)
 
         ab_bsh2 = ab_sbX.transpose(0, 1).reshape(b, s, H, 2)
         a_bsh, b_bsh = ab_bsh2[..., 0], ab_bsh2[..., 1]

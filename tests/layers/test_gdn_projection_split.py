@@ -13,7 +13,7 @@ from megatron_hybrid.layers.gdn import _SplitPerHead
 def test_split_equals_slicing(dtype, use_qkv, use_gate):
     torch.manual_seed(0)
     x = torch.randn(1, 7, 3, 10, dtype=dtype, requires_grad=True)
-    qkv, gate = _SplitPerHead.apply(x, 6)
+    qkv, gate = _SplitPerHead.apply(x, 6, "torch")
     ref_qkv, ref_gate = x[..., :6].reshape(1, 7, 18), x[..., 6:]
     assert torch.equal(qkv, ref_qkv) and torch.equal(gate, ref_gate) and qkv.is_contiguous()
     w_qkv, w_gate = torch.randn_like(qkv), torch.randn_like(gate)
