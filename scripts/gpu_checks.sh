@@ -138,7 +138,7 @@ gpu_group() {  # name, timeout seconds, pytest args...
   echo "[$name] rc=$? $(grep -E '(passed|failed|error)' "$OUT/gputests_$name.log" | tail -1)"
   grep -E "^(FAILED|ERROR)" "$OUT/gputests_$name.log" | head -10
 }
-gpu_group kernels 150 -m gpu tests/kernels/test_cross_entropy.py tests/kernels/test_swiglu.py tests/kernels/test_split_heads.py \
+gpu_group kernels 150 -m gpu tests/kernels/test_cross_entropy.py tests/kernels/test_swiglu.py tests/kernels/test_split_columns.py \
   tests/kernels/test_rmsnorm.py
 gpu_group layers 200 tests/gpu/test_recompute_gpu.py tests/gpu/test_gdn_packed_fuzz_gpu.py
 gpu_group fp8 240 -s tests/gpu/test_fp8.py

@@ -185,15 +185,14 @@ def mlp_qknorm_rows(ffn: int, qk_width: int, dtype: torch.dtype, arch: int, sms:
     return rows
 
 
-def split_heads_rows(width: int, head: int, dtype: torch.dtype, arch: int) -> list[dict]:
-    """GDN's per-head projection split and its gradient merge over rows of ``width`` columns,
-    the first ``head`` of them to the conv (Olmo Hybrid 7B: 576, 384)."""
-    from kernels import split_heads_triton
+def split_columns_rows(widths: list[int], dtype: torch.dtype, arch: int) -> list[dict]:
+    """The column split and its gradient merge (kernels/split_columns.py) over rows cut into
+    ``widths`` (Olmo Hybrid 7B: 384,192 for the GDN projection, 96,96,192 for q, k, v)."""
+    from kernels import split_columns_triton as sc
 
-    x = torch.randn(64, width, dtype=dtype)
+    x = torch.randn(64, sum(widths), dtype=dtype)
     with compile_only(arch) as rows:
-        a, b = split_heads_triton.split_heads_triton(x, head)
-        split_heads_triton.merge_heads_triton(a, b, 64, width, head, dtype, "cpu")
+        sc.merge_columns_triton(sc.split_columns_triton(x, widths), widths, 64, dtype, "cpu")
     return rows
 
 
@@ -207,8 +206,9 @@ def main() -> None:
                     "the gated norm over rows of V (Olmo Hybrid 7B: 11520,192)")  # fmt: skip
     ap.add_argument("--mlp-qknorm", metavar="FFN,WIDTH", help="also the SwiGLU over an FFN-wide "
                     "MLP and the QK-norm over rows of WIDTH (Olmo Hybrid 7B: 11008,3840)")  # fmt: skip
-    ap.add_argument("--split-heads", metavar="P,N", help="also GDN's projection split over rows "
-                    "of P columns, N to the conv (Olmo Hybrid 7B: 576,384)")  # fmt: skip
+    ap.add_argument("--split-columns", metavar="W,W,...", action="append", help="also the column "
+                    "split/merge for these part widths (repeatable; Olmo Hybrid 7B: 384,192 and "
+                    "96,96,192)")  # fmt: skip
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -220,9 +220,8 @@ def main() -> None:
     if args.mlp_qknorm:
         ffn, width = (int(s) for s in args.mlp_qknorm.split(","))
         rows += mlp_qknorm_rows(ffn, width, dtype, args.arch, args.sms)
-    if args.split_heads:
-        width, head = (int(s) for s in args.split_heads.split(","))
-        rows += split_heads_rows(width, head, dtype, args.arch)
+    for widths in args.split_columns or []:
+        rows += split_columns_rows([int(s) for s in widths.split(",")], dtype, args.arch)
     cfg = os.environ.get("GDN_TRITON_CFG", "")
     print(f"sm_{args.arch}, shape {shape}, {args.dtype}, GDN_TRITON_CFG={cfg!r}"
           + (f", conv / norm {args.conv_norm}" if args.conv_norm else ""))  # fmt: skip

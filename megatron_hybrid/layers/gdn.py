@@ -37,7 +37,7 @@ from megatron_hybrid import mcore
 from megatron_hybrid.kernels.conv import causal_conv1d
 from megatron_hybrid.kernels.gated_rmsnorm import gated_rmsnorm
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
-from megatron_hybrid.kernels.split_heads import merge_heads, split_heads
+from megatron_hybrid.kernels.split_columns import merge_columns, split_columns
 from megatron_hybrid.layers import recompute
 from megatron_hybrid.parallel import context
 from megatron_hybrid.parallel.gdn_cp import gdn_conv_and_recurrence_cp
@@ -64,36 +64,38 @@ class GDNShape:
     save_intermediates: bool = False
 
 
-class _SplitPerHead(torch.autograd.Function):
-    """``proj [b, s, H, P]`` (per head ``[q | k | v | g]``) -> ``(qkv [b, s, H*n], gate
-    [b, s, H, P-n])``, both contiguous copies (kernels/split_heads.py: one Triton pass each way
-    on GPU instead of torch's strided copies).
+class _SplitColumnsPerHead(torch.autograd.Function):
+    """``x [b, s, H, P]`` -> contiguous parts ``[b, s, H, w]`` per head (``widths`` summing to P;
+    kernels/split_columns.py: one Triton pass each way on GPU instead of torch's strided copies).
 
-    Plain slicing would be the same forward, but its backward zero-fills a full-width gradient
-    for each slice and adds the two: three extra passes over the layer's widest activation.
-    Here the backward writes each part's gradient once into one uninitialised buffer.
+    Plain slicing would give the same forward, but its backward zero-fills a full-width gradient
+    for each slice and adds them up: extra passes over the layer's widest activations. Here the
+    backward writes each part's gradient once into one uninitialised buffer (zeros for a part
+    that got none).
 
-    Both parts are copies so that ``proj`` itself is freed at once: a gate *view* (read by the
-    gated norm in the backward) kept the whole projection alive next to the conv's qkv copy,
-    23 KB per token per GDN layer at 7B widths (4.5 GB at 32K tokens over 6 layers) for a
-    2.5 KB/token extra write."""
-
-    @staticmethod
-    def forward(ctx, proj_bshP, n: int, backend: str):
-        b, s, H, P = proj_bshP.shape
-        ctx.n, ctx.shape, ctx.dtype, ctx.backend = n, proj_bshP.shape, proj_bshP.dtype, backend
-        # the conv reads qkv contiguous (with one head reshape alone would give a strided view)
-        qkv, gate = split_heads(proj_bshP.reshape(b * s * H, P), n, backend=backend)
-        return qkv.view(b, s, H * n), gate.view(b, s, H, P - n)
+    Used twice per GDN layer: the projection ``[q | k | v | gate]`` -> ``([q | k | v], gate)``,
+    both copies so that the projection itself is freed at once (a gate *view*, read by the
+    gated norm in the backward, kept the whole projection alive next to the conv's qkv copy: 23
+    KB per token per GDN layer at 7B widths for a 2.5 KB/token extra write); and the conv output
+    ``[q | k | v]`` -> q, k, v, which the recurrence kernels read contiguous."""
 
     @staticmethod
-    def backward(ctx, d_qkv, d_gate):
+    def forward(ctx, x_bshP, widths: tuple[int, ...], backend: str):
+        b, s, H, P = x_bshP.shape
+        ctx.widths, ctx.shape, ctx.dtype, ctx.backend = widths, x_bshP.shape, x_bshP.dtype, backend
+        parts = split_columns(x_bshP.reshape(b * s * H, P), widths, backend=backend)
+        return tuple(part.view(b, s, H, w) for part, w in zip(parts, widths, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads):
         b, s, H, P = ctx.shape
-        n, rows = ctx.n, b * s * H
-        dev = (d_qkv if d_qkv is not None else d_gate).device
-        head = None if d_qkv is None else d_qkv.reshape(rows, n)
-        tail = None if d_gate is None else d_gate.reshape(rows, P - n)
-        grad = merge_heads(head, tail, (rows, P), ctx.dtype, dev, backend=ctx.backend)
+        rows = b * s * H
+        dev = next(g for g in grads if g is not None).device
+        parts = [
+            None if g is None else g.reshape(rows, w)
+            for g, w in zip(grads, ctx.widths, strict=True)
+        ]
+        grad = merge_columns(parts, ctx.widths, ctx.dtype, dev, backend=ctx.backend)
         return grad.view(ctx.shape), None, None
 
 
@@ -174,8 +176,11 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             ab_sbX, _ = self.ab_proj(hidden_states)
         s, b = proj_sbX.shape[:2]
         proj_bshX = proj_sbX.transpose(0, 1).reshape(b, s, H, self.per_head_in)
-        copy_backend = "torch" if g_cfg.backend in ("torch", "naive") else "auto"
-        qkv_bsC, gate_bshV = _SplitPerHead.apply(proj_bshX, 2 * K + V, copy_backend)
+        qkv_bshN, gate_bshV = _SplitColumnsPerHead.apply(
+            proj_bshX, (2 * K + V, self.per_head_in - 2 * K - V), self._copy_backend()
+        )
+        # the conv reads qkv contiguous, heads flattened into its channels
+        qkv_bsC = qkv_bshN.view(b, s, H * (2 * K + V))
 
         ab_bsh2 = ab_sbX.transpose(0, 1).reshape(b, s, H, 2)
         a_bsh, b_bsh = ab_bsh2[..., 0], ab_bsh2[..., 1]
@@ -186,11 +191,17 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
         g_bsh = -self.A_log.float().exp() * F.softplus(a_bsh.float() + self.dt_bias.float())
         return qkv_bsC, gate_bshV, g_bsh, beta_bsh
 
+    def _copy_backend(self) -> str:
+        """The column splits' backend: the GDN torch / naive backends keep torch's copies."""
+        return "torch" if self.gdn.backend in ("torch", "naive") else "auto"
+
     def split_qkv(self, qkv_bsC):
-        """Conv output [b, s, C] -> q, k [b, s, H, K] and v [b, s, H, V] (views)."""
+        """Conv output [b, s, C] -> q, k [b, s, H, K] and v [b, s, H, V], contiguous copies
+        (the recurrence kernels read them so; one pass each way, see _SplitColumnsPerHead)."""
         b, s = qkv_bsC.shape[:2]
         H, K, V = self.local_heads, self.gdn.head_k_dim, self.gdn.head_v_dim
-        return qkv_bsC.view(b, s, H, 2 * K + V).split([K, K, V], dim=-1)
+        qkv_bshN = qkv_bsC.view(b, s, H, 2 * K + V)
+        return _SplitColumnsPerHead.apply(qkv_bshN, (K, K, V), self._copy_backend())
 
     def output(self, o_bshV, gate_bshV):
         """Gated RMSNorm per head over V then out_proj: ``(out [s, b, D], bias)``."""
