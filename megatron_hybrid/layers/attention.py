@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from megatron_hybrid import mcore
 from megatron_hybrid.layers import recompute
+from megatron_hybrid.layers.column_split import SplitColumnsPerHead
 from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
 from megatron_hybrid.parallel import context
 
@@ -200,11 +201,11 @@ class OlmoSelfAttention(mcore.MegatronModule):
         s, b = qkv_sbX.shape[:2]
         G, r, d = self.local_groups, self.group_size, self.head_dim
         qkv_sbGX = qkv_sbX.view(s, b, G, (r + 2) * d)
-        q = qkv_sbGX[..., : r * d].reshape(s, b, G * r * d)
-        k = qkv_sbGX[..., r * d : (r + 1) * d].reshape(s, b, G * d)
-        v_sbGd = qkv_sbGX[..., (r + 1) * d :]
-        q_sbNd = self.q_norm(q).view(s, b, G * r, d)
-        k_sbGd = self.k_norm(k).view(s, b, G, d)
+        # one copy pass into contiguous q, k, v (and one merge of their gradients) instead of
+        # strided slice copies and zero-fill + add backwards (layers/column_split.py)
+        q_sbGX, k_sbGd, v_sbGd = SplitColumnsPerHead.apply(qkv_sbGX, (r * d, d, d), "auto")
+        q_sbNd = self.q_norm(q_sbGX.view(s, b, G * r * d)).view(s, b, G * r, d)
+        k_sbGd = self.k_norm(k_sbGd.view(s, b, G * d)).view(s, b, G, d)
         if rotary_pos_emb is not None:
             q_emb, k_emb = (
                 rotary_pos_emb

@@ -37,8 +37,8 @@ from megatron_hybrid import mcore
 from megatron_hybrid.kernels.conv import causal_conv1d
 from megatron_hybrid.kernels.gated_rmsnorm import gated_rmsnorm
 from megatron_hybrid.kernels.gdn import chunk_gated_delta_rule
-from megatron_hybrid.kernels.split_columns import merge_columns, split_columns
 from megatron_hybrid.layers import recompute
+from megatron_hybrid.layers.column_split import SplitColumnsPerHead
 from megatron_hybrid.parallel import context
 from megatron_hybrid.parallel.gdn_cp import gdn_conv_and_recurrence_cp
 
@@ -62,41 +62,6 @@ class GDNShape:
     norm_eps: float = 1e-5
     backend: str = "auto"
     save_intermediates: bool = False
-
-
-class _SplitColumnsPerHead(torch.autograd.Function):
-    """``x [b, s, H, P]`` -> contiguous parts ``[b, s, H, w]`` per head (``widths`` summing to P;
-    kernels/split_columns.py: one Triton pass each way on GPU instead of torch's strided copies).
-
-    Plain slicing would give the same forward, but its backward zero-fills a full-width gradient
-    for each slice and adds them up: extra passes over the layer's widest activations. Here the
-    backward writes each part's gradient once into one uninitialised buffer (zeros for a part
-    that got none).
-
-    Used twice per GDN layer: the projection ``[q | k | v | gate]`` -> ``([q | k | v], gate)``,
-    both copies so that the projection itself is freed at once (a gate *view*, read by the
-    gated norm in the backward, kept the whole projection alive next to the conv's qkv copy: 23
-    KB per token per GDN layer at 7B widths for a 2.5 KB/token extra write); and the conv output
-    ``[q | k | v]`` -> q, k, v, which the recurrence kernels read contiguous."""
-
-    @staticmethod
-    def forward(ctx, x_bshP, widths: tuple[int, ...], backend: str):
-        b, s, H, P = x_bshP.shape
-        ctx.widths, ctx.shape, ctx.dtype, ctx.backend = widths, x_bshP.shape, x_bshP.dtype, backend
-        parts = split_columns(x_bshP.reshape(b * s * H, P), widths, backend=backend)
-        return tuple(part.view(b, s, H, w) for part, w in zip(parts, widths, strict=True))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        b, s, H, P = ctx.shape
-        rows = b * s * H
-        dev = next(g for g in grads if g is not None).device
-        parts = [
-            None if g is None else g.reshape(rows, w)
-            for g, w in zip(grads, ctx.widths, strict=True)
-        ]
-        grad = merge_columns(parts, ctx.widths, ctx.dtype, dev, backend=ctx.backend)
-        return grad.view(ctx.shape), None, None
 
 
 class OlmoGatedDeltaNet(mcore.MegatronModule):
@@ -176,7 +141,7 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
             ab_sbX, _ = self.ab_proj(hidden_states)
         s, b = proj_sbX.shape[:2]
         proj_bshX = proj_sbX.transpose(0, 1).reshape(b, s, H, self.per_head_in)
-        qkv_bshN, gate_bshV = _SplitColumnsPerHead.apply(
+        qkv_bshN, gate_bshV = SplitColumnsPerHead.apply(
             proj_bshX, (2 * K + V, self.per_head_in - 2 * K - V), self._copy_backend()
         )
         # the conv reads qkv contiguous, heads flattened into its channels
@@ -197,11 +162,11 @@ class OlmoGatedDeltaNet(mcore.MegatronModule):
 
     def split_qkv(self, qkv_bsC):
         """Conv output [b, s, C] -> q, k [b, s, H, K] and v [b, s, H, V], contiguous copies
-        (the recurrence kernels read them so; one pass each way, see _SplitColumnsPerHead)."""
+        (the recurrence kernels read them so; one pass each way, see SplitColumnsPerHead)."""
         b, s = qkv_bsC.shape[:2]
         H, K, V = self.local_heads, self.gdn.head_k_dim, self.gdn.head_v_dim
         qkv_bshN = qkv_bsC.view(b, s, H, 2 * K + V)
-        return _SplitColumnsPerHead.apply(qkv_bshN, (K, K, V), self._copy_backend())
+        return SplitColumnsPerHead.apply(qkv_bshN, (K, K, V), self._copy_backend())
 
     def output(self, o_bshV, gate_bshV):
         """Gated RMSNorm per head over V then out_proj: ``(out [s, b, D], bias)``."""

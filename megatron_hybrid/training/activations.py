@@ -147,9 +147,10 @@ def attention_items(s: Shape) -> list[Item]:
     items = [
         Item("attn.qkv_input", res, fp8="own"),
         # TPFullWidthRMSNorm (kernels/rmsnorm.py, Triton on the GPU) keeps its input and an fp32
-        # rstd per row, for q and for k. The inputs are copies out of the qkv output when a rank
-        # holds several KV groups; with one they are views of it, which they keep whole (v too)
-        Item("attn.qk_norm_input", a * (n + g if g > 1 else n + 2 * g) * d),
+        # rstd per row, for q and for k: the contiguous q and k that layers/column_split.py cuts
+        # out of the qkv output (before it, with one KV group per rank they were views that kept
+        # the whole qkv output, v's columns too)
+        Item("attn.qk_norm_input", a * (n + g) * d),
         Item("attn.qk_norm_rstd", 8),
     ]
     if s.rope:

@@ -60,11 +60,11 @@ def test_strided_input_and_refusals():
 @pytest.mark.parametrize("widths", [(6, 4), (2, 2, 6)])
 @pytest.mark.parametrize("used", [(True, True, True), (False, True, True), (True, False, False)])
 def test_layer_op_on_the_triton_path_equals_slicing(widths, used):
-    from megatron_hybrid.layers.gdn import _SplitColumnsPerHead
+    from megatron_hybrid.layers.column_split import SplitColumnsPerHead
 
     torch.manual_seed(0)
     x = torch.randn(2, 7, 3, 10, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    parts = _SplitColumnsPerHead.apply(x, widths, "triton")
+    parts = SplitColumnsPerHead.apply(x, widths, "triton")
     refs = x.split(list(widths), dim=-1)
     got = want = 0
     for part, ref, use in zip(parts, refs, used, strict=False):

@@ -1,4 +1,4 @@
-"""The GDN layer's per-head column splits (layers/gdn.py ``_SplitColumnsPerHead``: projection ->
+"""The GDN layer's per-head column splits (layers/column_split.py ``SplitColumnsPerHead``: projection ->
 ``([q|k|v], gate)`` and conv output -> q, k, v) equal plain slicing, forward and backward (its
 backward writes one buffer instead of zero-filling and adding one per slice), also when some
 outputs get no gradient; on the torch path here, the Triton one in
@@ -7,7 +7,7 @@ tests/kernels/test_split_columns.py."""
 import pytest
 import torch
 
-from megatron_hybrid.layers.gdn import _SplitColumnsPerHead
+from megatron_hybrid.layers.column_split import SplitColumnsPerHead
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -16,7 +16,7 @@ from megatron_hybrid.layers.gdn import _SplitColumnsPerHead
 def test_split_equals_slicing(dtype, widths, used):
     torch.manual_seed(0)
     x = torch.randn(1, 7, 3, 10, dtype=dtype, requires_grad=True)
-    parts = _SplitColumnsPerHead.apply(x, widths, "torch")
+    parts = SplitColumnsPerHead.apply(x, widths, "torch")
     refs = x.split(list(widths), dim=-1)
     for part, ref in zip(parts, refs, strict=True):
         assert torch.equal(part, ref) and part.is_contiguous()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,8 @@ def kept_bytes(flags: list[str], world: int) -> int:
         st = t.untyped_storage()
         if st.data_ptr() not in params:
             storages[st.data_ptr() or id(st)] = st.nbytes()
+            if os.environ.get("MEMCHECK_DUMP"):
+                print("SAVED", tuple(t.shape), t.dtype, st.nbytes(), flush=True)
     return sum(storages.values())
 
 

@@ -70,7 +70,7 @@ def test_activation_term_matches_saved_tensors(measured, key):
 # widths with 8 blocks (2.44 B parameters), te spec, bf16, micro-batch 1, mock data
 # (BENCHMARKS.md); None = out of memory. docs/training.md "Memory estimate" has the residuals.
 # Measured at ad602b1, when the GDN gate was a view that kept the whole in_proj output alive
-# (23 KB/token/GDN layer more than now; layers/gdn.py _SplitColumnsPerHead): the no-recompute hybrid
+# (23 KB/token/GDN layer more than now; layers/column_split.py SplitColumnsPerHead): the no-recompute hybrid
 # peaks read ~2% above today's estimate, and the hybrid's 32K selective OOM is left out, because
 # today's layout is estimated to fit there (88% of the card), which is still to be measured.
 # Likewise the all-attention 32K selective OOM, measured with the eager fp32 QK-norm (46 KB/token/
