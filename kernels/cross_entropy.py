@@ -29,18 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .dispatch import triton_available, triton_interpreting
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _use_triton(logits: torch.Tensor, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown cross-entropy backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return (logits.is_cuda or triton_interpreting()) and triton_available()
-    return backend == "triton"
-
+from .dispatch import use_triton
 
 # ---- per-row statistics ---------------------------------------------------------------------
 
@@ -153,7 +142,7 @@ def cross_entropy_with_z_loss(
         target.reshape(-1),
         tp_group,
         rank * v,
-        _use_triton(logits, backend),
+        use_triton(logits, backend, "cross-entropy"),
         inplace_backward,
     )
     return ce.view(shape), z.view(shape)

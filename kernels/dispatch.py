@@ -14,3 +14,19 @@ def triton_interpreting() -> bool:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+BACKENDS = ("auto", "torch", "triton")
+"""The ``backend`` values of the elementwise kernels (cross entropy, QK-norm, SwiGLU, column
+splits); the GDN and conv ops have their own (kernels/gdn/api.py, conv.py)."""
+
+
+def use_triton(x, backend: str, op: str) -> bool:
+    """Whether ``op`` runs our Triton kernel on ``x``: "triton" always, "torch" never, "auto" for
+    CUDA tensors or under TRITON_INTERPRET=1, when Triton is importable. A bad name is an error
+    that says which op and which names are valid."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown {op} backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return (x.is_cuda or triton_interpreting()) and triton_available()
+    return backend == "triton"

@@ -36,19 +36,9 @@ from collections.abc import Callable
 
 import torch
 
-from .dispatch import triton_available, triton_interpreting
-
-BACKENDS = ("auto", "torch", "triton")
+from .dispatch import use_triton
 
 AllReduce = Callable[[torch.Tensor], "torch.Tensor | None"]
-
-
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown rmsnorm backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return (x.is_cuda or triton_interpreting()) and triton_available()
-    return backend == "triton"
 
 
 def _reduced(t: torch.Tensor, all_reduce: AllReduce | None) -> torch.Tensor:
@@ -119,6 +109,6 @@ def tp_rmsnorm(
             f"tp_rmsnorm needs x [..., n] and weight [n]; got {tuple(x.shape)}, "
             f"{tuple(weight.shape)}"
         )
-    if not _use_triton(x, backend):
+    if not use_triton(x, backend, "rmsnorm"):
         return tp_rmsnorm_torch(x, weight, eps, full_width, all_reduce)
     return _TPRMSNorm.apply(x, weight, float(eps), int(full_width), all_reduce)

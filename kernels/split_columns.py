@@ -21,18 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import triton_available, triton_interpreting
+from .dispatch import use_triton
 
-BACKENDS = ("auto", "torch", "triton")
 MAX_PARTS = 4
-
-
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown split_columns backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return (x.is_cuda or triton_interpreting()) and triton_available()
-    return backend == "triton"
 
 
 def _check(widths, P: int) -> None:
@@ -48,7 +39,7 @@ def split_columns(x: torch.Tensor, widths, backend: str = "auto") -> list[torch.
     if x.dim() != 2:
         raise ValueError(f"split_columns needs a 2-D [rows, columns] tensor; got {tuple(x.shape)}")
     _check(widths, x.shape[1])
-    if not _use_triton(x, backend):
+    if not use_triton(x, backend, "split_columns"):
         return [part.contiguous() for part in x.split(list(widths), dim=1)]
     from .split_columns_triton import split_columns_triton
 
@@ -63,7 +54,7 @@ def merge_columns(parts, widths, dtype, device, backend: str = "auto") -> torch.
     if len(parts) != len(widths) or not present:
         raise ValueError(f"merge_columns needs {len(widths)} parts, at least one of them a tensor")
     R, P = present[0].shape[0], sum(widths)
-    if not _use_triton(present[0], backend):
+    if not use_triton(present[0], backend, "split_columns"):
         out = torch.empty((R, P), dtype=dtype, device=device)
         for part, piece in zip(parts, out.split(list(widths), dim=1), strict=True):
             if part is None:

@@ -28,17 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import triton_available, triton_interpreting
-
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown swiglu backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return (x.is_cuda or triton_interpreting()) and triton_available()
-    return backend == "triton"
+from .dispatch import use_triton
 
 
 def swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +71,7 @@ def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     ``x``'s dtype. Any leading shape and strides (a unit last stride avoids a copy)."""
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"swiglu needs an even last dimension [..., 2F]; got {tuple(x.shape)}")
-    if not _use_triton(x, backend):
+    if not use_triton(x, backend, "swiglu"):
         return swiglu_torch(x)
     if (rows := x.shape[:-1].numel()) >= 2**31:
         raise ValueError(f"swiglu: {rows} rows exceed one launch (2**31 - 1 programs)")

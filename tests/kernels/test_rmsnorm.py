@@ -266,19 +266,6 @@ def test_zero_rows_and_bad_arguments(backend):
         tp_rmsnorm(torch.zeros(2, 8, device=DEVICE), w, EPS, 8, backend="cuda")
 
 
-def test_auto_backend_dispatch(monkeypatch):
-    from megatron_hybrid.kernels import rmsnorm as mod
-
-    x = torch.zeros(2, 4)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert mod._use_triton(x, "auto") is mod.triton_available()
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert mod._use_triton(x, "auto") is False
-    assert mod._use_triton(x, "triton") is True and mod._use_triton(x, "torch") is False
-    if ON_GPU:
-        assert mod._use_triton(x.cuda(), "auto") is True
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])

@@ -1,8 +1,8 @@
 """Column splits and merges (kernels/split_columns.py): the Triton copies (interpreter on CPU,
 compiled on GPU) equal torch's slicing bit for bit, both directions, for 1-4 parts at odd and 7B
-widths, with missing gradient parts written as zeros; bad widths are refused; and the GDN
-layer's autograd op on the Triton path equals plain slicing, forward and backward. The GPU test
-runs the 7B shapes at 8192 tokens."""
+widths, with missing gradient parts written as zeros; bad widths are refused; and the layers'
+autograd op (layers/column_split.py) equals plain slicing, forward and backward, on both paths.
+The GPU test runs the 7B shapes at 8192 tokens."""
 
 import pytest
 import torch
@@ -56,19 +56,22 @@ def test_strided_input_and_refusals():
         merge_columns([None, None], (5, 7), x.dtype, DEVICE)
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="Triton kernels unavailable")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("widths", [(6, 4), (2, 2, 6)])
 @pytest.mark.parametrize("used", [(True, True, True), (False, True, True), (True, False, False)])
-def test_layer_op_on_the_triton_path_equals_slicing(widths, used):
+def test_layer_op_equals_slicing(backend, dtype, widths, used):
+    """layers/column_split.py's autograd op (GDN projection, GDN q/k/v, attention q/k/v) vs
+    plain slicing: forward and backward, also when some parts get no gradient."""
     from megatron_hybrid.layers.column_split import SplitColumnsPerHead
 
     torch.manual_seed(0)
-    x = torch.randn(2, 7, 3, 10, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    parts = SplitColumnsPerHead.apply(x, widths, "triton")
+    x = torch.randn(2, 7, 3, 10, device=DEVICE, dtype=dtype, requires_grad=True)
+    parts = SplitColumnsPerHead.apply(x, widths, backend)
     refs = x.split(list(widths), dim=-1)
     got = want = 0
     for part, ref, use in zip(parts, refs, used, strict=False):
-        assert torch.equal(part, ref)
+        assert torch.equal(part, ref) and part.is_contiguous()
         if use:
             w = torch.randn_like(part)
             got, want = got + (part * w).sum(), want + (ref * w).sum()

@@ -166,20 +166,6 @@ def test_edge_values_and_empty(backend):
         swiglu(torch.zeros(2, 4, device=DEVICE), backend="cuda")
 
 
-def test_auto_backend_dispatch(monkeypatch):
-    """auto = Triton on CUDA tensors or under TRITON_INTERPRET=1 (Triton importable), else torch."""
-    from megatron_hybrid.kernels import swiglu as mod
-
-    x = torch.zeros(2, 4)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert mod._use_triton(x, "auto") is mod.triton_available()
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert mod._use_triton(x, "auto") is False
-    assert mod._use_triton(x, "triton") is True and mod._use_triton(x, "torch") is False
-    if ON_GPU:
-        assert mod._use_triton(x.cuda(), "auto") is True
-
-
 # ---- GPU ------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
