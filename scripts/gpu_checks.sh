@@ -11,7 +11,7 @@
 #      against fla (guard bypassed, timing only) and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
-# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests bench long fp8 fp8curves recall
+# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests fp8tests bench long fp8 fp8curves recall
 # science -- only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
@@ -127,24 +127,28 @@ if [ -d /tmp/gpu/oc ] && [ ! -d /tmp/oc/olmo_core ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/oc /tmp/gpu/oc/*.whl 2>&1 | tail -1
 fi
 TS_JSON=${TS_JSON:-/tmp/ts/train_step.json}
-if want gputests; then
-echo "== 5. GPU tests of the lean step, recompute, FP8 and the GDN guard"
-# no -x: on 2026-12-05 one GDN fault stopped the run before any FP8 test ran. Each group has its
-# own timeout and log in $OUT: a hung group (a child that cannot rendezvous waits ~30 min) must
-# not eat the whole 10-minute call and take the other groups' output with it, as it once did.
 gpu_group() {  # name, timeout seconds, pytest args...
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 -m pytest -q -rfE -p no:cacheprovider "$@" > "$OUT/gputests_$name.log" 2>&1
   echo "[$name] rc=$? $(grep -E '(passed|failed|error)' "$OUT/gputests_$name.log" | tail -1)"
   grep -E "^(FAILED|ERROR)" "$OUT/gputests_$name.log" | head -10
 }
+if want gputests; then
+echo "== 5. GPU tests of the kernels, recompute, packed GDN and the GDN guard (FP8: fp8tests)"
+# no -x: on 2026-12-05 one GDN fault stopped the run before any FP8 test ran. Each group has its
+# own timeout and log in $OUT: a hung group (a child that cannot rendezvous waits ~30 min) must
+# not eat the whole 10-minute call and take the other groups' output with it, as it once did.
 gpu_group kernels 150 -m gpu tests/kernels/test_cross_entropy.py tests/kernels/test_swiglu.py tests/kernels/test_split_columns.py \
   tests/kernels/test_rmsnorm.py
 gpu_group layers 200 tests/gpu/test_recompute_gpu.py tests/gpu/test_gdn_packed_fuzz_gpu.py
-gpu_group fp8 240 -s tests/gpu/test_fp8.py
-grep -E "rel L2|expected from" "$OUT/gputests_fp8.log"
 # the 16-bit K <= 32 GDN kernels: a strict xfail + the guard (docs/kernels.md, "Known faults")
 gpu_group small_k 120 -m gpu -s tests/kernels/test_gdn_triton_gpu.py -k small_k
+fi
+if want fp8tests; then
+echo "== 5b. GPU tests of FP8 (recipes vs bf16, ab_proj, checkpoints through the trainer, HF export)"
+# its own step: ~11 trainer runs, ~3-4 min; with gputests' groups it would pass 10 minutes
+gpu_group fp8 420 -s tests/gpu/test_fp8.py
+grep -E "rel L2|expected from" "$OUT/gputests_fp8.log"
 fi
 if want bench; then
 echo "== 6a. train step: ours (+profile), precision-aware, upstream, OLMo-core, all-attention"
