@@ -29,6 +29,8 @@ class SplitColumnsPerHead(torch.autograd.Function):
     def forward(ctx, x, widths: tuple[int, ...], backend: str):
         b, s, H, P = x.shape  # any 4-D [.., .., heads, P] layout ([s, b, G, P] too)
         ctx.widths, ctx.shape, ctx.dtype, ctx.backend = widths, x.shape, x.dtype, backend
+        # an unused part's gradient arrives as None (not a zero tensor to read): merge writes zeros
+        ctx.set_materialize_grads(False)
         parts = split_columns(x.reshape(b * s * H, P), widths, backend=backend)
         return tuple(part.view(b, s, H, w) for part, w in zip(parts, widths, strict=True))
 
