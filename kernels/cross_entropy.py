@@ -78,19 +78,39 @@ def _combine_over_tp(m, s, picked, group):
     return torch.log(s) + m, picked
 
 
+def global_row_stats(logits, local_t, in_range, group, use_triton: bool):
+    """``(lse, picked logit)`` per row of ``logits [N, V_local]`` over the whole (TP-split)
+    vocabulary, fp32. ``local_t``: targets minus this rank's first vocabulary id; ``in_range``:
+    whether the target is on this rank. Issues the TP collectives (same order on every rank)."""
+    if use_triton:
+        from .cross_entropy_triton import row_stats_triton
+
+        m, s, picked = row_stats_triton(logits, local_t, in_range)
+    else:
+        m, s, picked = _row_stats_torch(logits, local_t, in_range)
+    return _combine_over_tp(m, s, picked, group)
+
+
+def logits_grad(logits, lse, scale, grad_ce, local_t, in_range, out, use_triton: bool):
+    """Writes ``softmax * scale - grad_ce * onehot(target)`` per row into ``out`` (may be
+    ``logits`` itself): the gradient of ``grad_ce * ce + grad_z * z`` with
+    ``scale = grad_ce + 2 lse grad_z`` (fp32, per row)."""
+    if use_triton:
+        from .cross_entropy_triton import grad_triton
+
+        grad_triton(logits, lse, scale, grad_ce, local_t, in_range, out)
+    else:
+        _grad_torch(logits, lse, scale, grad_ce, local_t, in_range, out)
+    return out
+
+
 class _CrossEntropyZLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, use_triton, inplace_backward):
         n, v = logits.shape
         local_t = target - vocab_start
         in_range = (local_t >= 0) & (local_t < v)
-        if use_triton:
-            from .cross_entropy_triton import row_stats_triton
-
-            m, s, picked = row_stats_triton(logits, local_t, in_range)
-        else:
-            m, s, picked = _row_stats_torch(logits, local_t, in_range)
-        lse, picked = _combine_over_tp(m, s, picked, group)
+        lse, picked = global_row_stats(logits, local_t, in_range, group, use_triton)
         ctx.save_for_backward(logits, lse, local_t, in_range)
         ctx.use_triton, ctx.inplace_backward = use_triton, inplace_backward
         return lse - picked, lse * lse
@@ -103,12 +123,7 @@ class _CrossEntropyZLoss(torch.autograd.Function):
         # The logits are dead after this (nothing else reads the model's output), so their
         # buffer takes the gradient: no second [tokens, vocab] allocation.
         out = logits if ctx.inplace_backward else torch.empty_like(logits)
-        if ctx.use_triton:
-            from .cross_entropy_triton import grad_triton
-
-            grad_triton(logits, lse, scale, grad_ce, local_t, in_range, out)
-        else:
-            _grad_torch(logits, lse, scale, grad_ce, local_t, in_range, out)
+        logits_grad(logits, lse, scale, grad_ce, local_t, in_range, out, ctx.use_triton)
         return out, None, None, None, None, None
 
 

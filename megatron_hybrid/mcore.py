@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel import (  # noqa: F401
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
 )
 from megatron.core.tensor_parallel.layers import (  # noqa: F401
@@ -154,6 +155,23 @@ def fp8_params_disabled():
     if q is None or not q.FP8GlobalStateManager.with_fp8_parameters():
         return contextlib.nullcontext()
     return q.quantized_model_init(enabled=False, recipe=q.FP8GlobalStateManager.get_fp8_recipe())
+
+
+_TE_GEMM = []  # [general_gemm or None], resolved once
+
+
+def te_accumulating_gemm():
+    """Transformer Engine's ``general_gemm``, used as ``gemm(x, dy, layout="NT",
+    out=main_grad, out_dtype=main_grad.dtype, accumulate=True, grad=True)``: ``main_grad +=
+    dy^T x`` with bf16 inputs and fp32 accumulation in one GEMM (what TE linears do for
+    gradient-accumulation fusion). None without TE."""
+    if not _TE_GEMM:
+        try:
+            from transformer_engine.pytorch.cpp_extensions import general_gemm
+        except ImportError:
+            general_gemm = None
+        _TE_GEMM.append(general_gemm)
+    return _TE_GEMM[0]
 
 
 _TORCH_ADAM_FIXED = False

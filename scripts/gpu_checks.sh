@@ -138,7 +138,7 @@ echo "== 5. GPU tests of the kernels, recompute, packed GDN and the GDN guard (F
 # no -x: on 2026-12-05 one GDN fault stopped the run before any FP8 test ran. Each group has its
 # own timeout and log in $OUT: a hung group (a child that cannot rendezvous waits ~30 min) must
 # not eat the whole 10-minute call and take the other groups' output with it, as it once did.
-gpu_group kernels 150 -m gpu tests/kernels/test_cross_entropy.py tests/kernels/test_swiglu.py tests/kernels/test_split_columns.py \
+gpu_group kernels 150 -m gpu tests/layers/test_output_loss.py tests/kernels/test_cross_entropy.py tests/kernels/test_swiglu.py tests/kernels/test_split_columns.py \
   tests/kernels/test_rmsnorm.py
 gpu_group layers 200 tests/gpu/test_recompute_gpu.py tests/gpu/test_gdn_packed_fuzz_gpu.py
 # the 16-bit K <= 32 GDN kernels: a strict xfail + the guard (docs/kernels.md, "Known faults")

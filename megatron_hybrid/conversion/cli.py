@@ -6,6 +6,7 @@ tools/convert_from_hf.py (``main_from_hf``). Both run in one process on CPU; bad
 from __future__ import annotations
 
 import os
+import sys
 
 from megatron_hybrid.conversion.hf_export import export_to_hf
 from megatron_hybrid.conversion.hf_import import import_from_hf
@@ -31,6 +32,12 @@ def _cpu_single_process(prog: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConversionError(f"{prog} runs in one process: start it without torchrun/srun")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # transformers' olmo_hybrid binds fla's Triton GDN kernels at import time whenever fla is
+    # importable, whatever the device; here everything runs on CPU, where they cannot ("0 active
+    # drivers": seen on the H100 with fla installed). A None entry makes ``import fla`` fail, so
+    # transformers takes its PyTorch path. Our own model never uses fla.
+    if "transformers.models.olmo_hybrid.modeling_olmo_hybrid" not in sys.modules:
+        sys.modules.setdefault("fla", None)
 
 
 def _shard_bytes(text: str) -> int:

@@ -192,8 +192,12 @@ def mlp_items(s: Shape, post_norm: bool) -> list[Item]:
     return _norm("mlp.norm", s, True) + [Item("mlp.fc1_input", res, ln, fp8="own")] + body
 
 
-def head_items(s: Shape) -> list[Item]:
-    """Final norm and the output layer's input (the last pipeline stage); not recomputed."""
+def head_items(s: Shape, fused: bool = False) -> list[Item]:
+    """Final norm and the output layer's input (the last pipeline stage); not recomputed. The
+    fused head + loss (layers/output_loss.py) keeps instead the input's gradient, computed in
+    the forward, for the whole (sequence-gathered) row."""
+    if fused:
+        return _norm("final_norm", s, False) + [Item("output_layer.input_grad (fused)", s.a * s.D)]
     return _norm("final_norm", s, False) + [Item("output_layer.input", s.a * s.D / s.sp)]
 
 

@@ -98,6 +98,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--recompute-num-layers": ("recompute.num_layers", int),
     "--recompute-modules": ("recompute.modules", "list"),
     "--gpu-memory-gib": ("train.gpu_memory_gib", float),
+    "--lm-head-loss-chunk-tokens": ("train.lm_head_loss_chunk_tokens", int),
 }
 
 

@@ -162,6 +162,12 @@ class TrainConfig:
     buffer (no bf16 wgrad tensor + add). te spec on GPU only; megatron's own lm-head linear
     needs apex for it and keeps the plain path. Megatron's --no-gradient-accumulation-fusion
     turns it off."""
+    lm_head_loss_chunk_tokens: int = 8192
+    """The LM head and the loss run fused, chunked over this many tokens at a time
+    (layers/output_loss.py): the [tokens, vocab] logits never exist whole (12.3 GiB in bf16 at
+    64K tokens x 100K vocabulary), and the head's weight gradient goes straight into the fp32
+    main-grad buffer. 0 = megatron's unfused output layer + the loss kernel on the whole logits
+    (also what fp16 runs use: the fused head needs megatron's constant loss scale of 1)."""
     spec: str = "auto"
     """Layer-spec flavour: auto (te on GPU with Transformer Engine, else local) | te | local."""
     log_interval: int = 1
@@ -665,6 +671,11 @@ class RunConfig:
             )
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"precision={t.precision!r}: use auto, bf16 or fp32")
+        if t.lm_head_loss_chunk_tokens < 0:
+            raise ConfigError(
+                f"--lm-head-loss-chunk-tokens {t.lm_head_loss_chunk_tokens}: must be >= 0 "
+                "(0 = the unfused output layer)"
+            )
         check_optimizer_dtypes(self)
         self.synthetic.check(self.data.seq_length)
         check_recompute(self, self.blocks_per_segment())

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ import torch.distributed as dist
 from megatron_hybrid import mcore
 from megatron_hybrid.data import batches
 from megatron_hybrid.data.tokenizers import build_tokenizer, padded_vocab_size
+from megatron_hybrid.layers.output_loss import deferred_logits, output_layer_of
 from megatron_hybrid.models.olmo_hybrid.config import ConfigError
 from megatron_hybrid.parallel import context as cpctx
 from megatron_hybrid.parallel import state as pstate
@@ -28,7 +30,7 @@ from megatron_hybrid.training import checkpoint as ckpt
 from megatron_hybrid.training.faults import fault_iterations as _fault_iterations
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
 from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
-from megatron_hybrid.training.loss import masked_lm_loss
+from megatron_hybrid.training.loss import masked_lm_head_loss, masked_lm_loss
 from megatron_hybrid.training.metrics import Sinks, iteration_line
 from megatron_hybrid.training.model_setup import (
     build_model_chunks,
@@ -90,6 +92,9 @@ class Trainer:
         if run.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            # TE's fused attention picks deterministic kernels only when told, and megatron's
+            # deterministic_mode refuses to build TE attention without it (found on the H100)
+            os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
         pstate.initialize(
             pstate.ParallelLayout(
                 p.tensor, p.pipeline, p.virtual_pipeline, p.context, p.sequence_parallel
@@ -210,20 +215,38 @@ class Trainer:
         z_coeff = self.run.optim.z_loss
         tp_group = mcore.parallel_state.get_tensor_model_parallel_group()
 
-        def loss_func(logits_bsV):
-            return masked_lm_loss(
-                logits_bsV,
-                labels,
-                loss_mask,
-                z_coeff,
-                tp_group,
-                nan=self.iteration + 1 in self._nan_faults,
-            )
+        nan = self.iteration + 1 in self._nan_faults
+        chunk = self.run.train.lm_head_loss_chunk_tokens
+        if chunk:
+            # the output layer handed back the final hidden states (deferred_logits): the head
+            # and the loss run fused, chunked over tokens (layers/output_loss.py)
+            def loss_func(hidden_bsD):  # last pipeline stage only: it has the output layer
+                return masked_lm_head_loss(
+                    hidden_bsD,
+                    output_layer_of(model).weight,
+                    labels,
+                    loss_mask,
+                    z_coeff,
+                    tp_group,
+                    sequence_parallel=self.tcfg.sequence_parallel,
+                    chunk_tokens=chunk,
+                    nan=nan,
+                )
+        else:
+
+            def loss_func(logits_bsV):
+                return masked_lm_loss(logits_bsV, labels, loss_mask, z_coeff, tp_group, nan=nan)
 
         return output, loss_func
 
     def _run_schedule(self, microbatches, forward_only: bool):
         iters = [iter(microbatches) for _ in self.chunks]
+        t = self.run.train
+        fused_head = deferred_logits(self.chunks) if t.lm_head_loss_chunk_tokens else nullcontext()
+        with fused_head:
+            return self._schedule(iters, microbatches, forward_only)
+
+    def _schedule(self, iters, microbatches, forward_only: bool):
         t = self.run.train
         return self.forward_backward(
             forward_step_func=self._forward_step,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_hybrid.kernels.cross_entropy import cross_entropy_with_z_loss
+from megatron_hybrid.layers.output_loss import DEFAULT_CHUNK_TOKENS, lm_head_loss
 
 
 def masked_lm_loss(logits_bsV, labels_bs, loss_mask_bs, z_coeff: float, tp_group, nan=False):
@@ -26,4 +27,38 @@ def masked_lm_loss(logits_bsV, labels_bs, loss_mask_bs, z_coeff: float, tp_group
         loss = loss * float("nan")
         ce = ce * float("nan")
     report = torch.stack([(ce.detach() * mask).sum(), (z.detach() * mask).sum(), mask.sum()])
+    return loss, mask.sum().to(torch.int), {"sums": report}
+
+
+def masked_lm_head_loss(
+    hidden_bsD,
+    weight,
+    labels_bs,
+    loss_mask_bs,
+    z_coeff: float,
+    tp_group,
+    *,
+    sequence_parallel: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    nan=False,
+):
+    """:func:`masked_lm_loss` from the final hidden states ``[b, s, D]`` and the output layer's
+    weight (``layers/output_loss.py``: the LM head and the loss chunked over tokens, the logits
+    never whole). Same loss, same report."""
+    mask_sb = loss_mask_bs.t().float()
+    loss, ce, z = lm_head_loss(
+        hidden_bsD.transpose(0, 1),
+        weight,
+        labels_bs.t(),
+        mask_sb,
+        mask_sb * z_coeff,
+        tp_group,
+        sequence_parallel=sequence_parallel,
+        chunk_tokens=chunk_tokens,
+    )
+    mask = mask_sb.reshape(-1)
+    if nan:
+        loss = loss * float("nan")
+        ce = ce * float("nan")
+    report = torch.stack([(ce * mask).sum(), (z * mask).sum(), mask.sum()])
     return loss, mask.sum().to(torch.int), {"sums": report}

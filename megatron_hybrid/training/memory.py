@@ -44,6 +44,9 @@ FIT_FRACTION = 0.9
 context, allocator fragmentation and the estimate's own error (selective recompute at 32K on the
 7B proxy estimated at 93-95% of an 80 GB H100 and ran out of memory)."""
 LOSS_BYTES_PER_TOKEN = 17  # our loss kernel's fp32 lse, int64 target, bool mask; the fp32 loss mask
+# the fused head (layers/output_loss.py): fp32 ce and z, int64 local targets, bool range mask,
+# fp32 ce and z weights, per token
+FUSED_LOSS_BYTES_PER_TOKEN = 25
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 
 
@@ -194,16 +197,25 @@ def _activations(run, st: StageMemory, segments, shape, tokens: int, last: bool)
     m = st.in_flight
     head = Counter()
     logits = tmp = 0.0
+    kept_logits = 0.0
     if last:
-        for it in head_items(shape):
+        chunk = t.lm_head_loss_chunk_tokens
+        for it in head_items(shape, fused=bool(chunk)):
             head[it.name] += it.bytes
         vocab = run.model.vocab_size // run.parallel.tensor
-        logits = (shape.a * vocab + LOSS_BYTES_PER_TOKEN) * tokens  # gradient written in place
-        # the LM head (megatron's linear, no wgrad fusion) writes a 16-bit weight gradient; with
-        # micro-batch > 1 the [b, s, V] logits are a copy of the layer's [s, b, V] output
+        # the LM head's 16-bit weight gradient (megatron's linear, no wgrad fusion), or the
+        # fused head's placeholder of that size for megatron's DDP hook
         wgrad = (4 if t.precision == "fp32" else 2) * vocab * run.model.hidden_size
-        tmp = max(wgrad + shape.a * shape.D * tokens, logits if t.micro_batch_size > 1 else 0)
-    st.kept, st.kept_logits = (kept.total() + head.total()) * tokens, logits
+        if chunk:
+            # one chunk of logits at a time; the backward scales the prepared input gradient
+            logits = shape.a * vocab * min(chunk, tokens) + FUSED_LOSS_BYTES_PER_TOKEN * tokens
+            tmp = wgrad + shape.a * shape.D * tokens
+        else:
+            logits = (shape.a * vocab + LOSS_BYTES_PER_TOKEN) * tokens  # gradient in place
+            kept_logits = logits
+            # with micro-batch > 1 the [b, s, V] logits are a copy of the layer's [s, b, V] output
+            tmp = max(wgrad + shape.a * shape.D * tokens, logits if t.micro_batch_size > 1 else 0)
+    st.kept, st.kept_logits = (kept.total() + head.total()) * tokens, kept_logits
     # the head's items and the logits belong to the one micro-batch at the loss
     at_head = {
         k: v * tokens for k, v in (Counter({k: v * m for k, v in kept.items()}) + head).items()

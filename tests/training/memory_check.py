@@ -6,7 +6,9 @@ process-wide, and Triton's interpreter mode is process-wide).
 The model is built through the training setup code (``transformer_config``, ``build_model``)
 in bf16 and run forward on one 64-token row (one document: GDN's one chunk is full, as the
 estimate's per-token chunk terms assume for long documents), then through the trainer's loss
-(``masked_lm_loss``: our cross-entropy kernel keeps the logits for its in-place backward). Every
+(the fused, chunked LM head + loss by default, which keeps the input gradient it computed in the
+forward; with ``--lm-head-loss-chunk-tokens 0`` ``masked_lm_loss``, whose cross-entropy kernel
+keeps the logits for its in-place backward). Every
 tensor saved for the backward is collected with ``saved_tensors_hooks``; the result is the sum of
 their distinct storages (at their size after the forward: layernorm recompute frees storage),
 parameters excluded. Prints one JSON object per case: ``{"name", "spec", "flags", "bytes"}``.
@@ -41,13 +43,14 @@ from megatron_hybrid.data.batches import packed_seq_params
 from megatron_hybrid.kernels import conv_triton
 from megatron_hybrid.layers.attention import TorchCausalAttention
 from megatron_hybrid.layers.norms import RMSNorm
+from megatron_hybrid.layers.output_loss import deferred_logits, output_layer_of
 from megatron_hybrid.models.olmo_hybrid import specs
 from megatron_hybrid.models.olmo_hybrid.model import build_model
 from megatron_hybrid.parallel import state
 from megatron_hybrid.training.cli import parse
-from megatron_hybrid.training.loss import masked_lm_loss
+from megatron_hybrid.training.loss import masked_lm_head_loss, masked_lm_loss
 from megatron_hybrid.training.model_setup import layer_pattern, transformer_config
-from tests.training.recompute_check import CASES
+from tests.training.recompute_check import CASES as RECOMPUTE_CASES
 
 # The tiny preset with 2 GDN heads (the interpreter's time grows with heads) and GQA attention
 # (6 query heads, 2 KV heads; RoPE), 3 GDN blocks and 1 attention block.
@@ -119,6 +122,11 @@ class FusedAttentionLike(TorchCausalAttention):
         return _FusedAttentionFn.apply(q, k, v, attend)
 
 
+# the recompute settings, and the unfused head (megatron's output layer + the loss kernel on the
+# whole logits) without recompute
+CASES = {**RECOMPUTE_CASES, "unfused_head": ["--lm-head-loss-chunk-tokens", "0"]}
+
+
 def kept_bytes(flags: list[str], world: int) -> int:
     """Bytes this rank keeps after the forward and the loss of one micro-batch."""
     run, _ = parse([*BASE, *flags])
@@ -140,10 +148,21 @@ def kept_bytes(flags: list[str], world: int) -> int:
         saved.append(t)
         return t
 
+    tp_group = mcore.parallel_state.get_tensor_model_parallel_group() if world > 1 else None
+    chunk = run.train.lm_head_loss_chunk_tokens
+    weight = output_layer_of(model).weight
+    weight.main_grad = torch.zeros(weight.shape)  # as under megatron's DDP (the trainer's case)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens, torch.arange(seq)[None], None, packed_seq_params=psp)
-        tp_group = mcore.parallel_state.get_tensor_model_parallel_group() if world > 1 else None
-        masked_lm_loss(logits, labels, torch.ones(1, seq), 1e-5, tp_group)
+        if chunk:
+            with deferred_logits([model]):
+                hidden = model(tokens, torch.arange(seq)[None], None, packed_seq_params=psp)
+            masked_lm_head_loss(
+                hidden, weight, labels, torch.ones(1, seq), 1e-5, tp_group,
+                sequence_parallel=run.parallel.sequence_parallel, chunk_tokens=chunk,
+            )  # fmt: skip
+        else:
+            logits = model(tokens, torch.arange(seq)[None], None, packed_seq_params=psp)
+            masked_lm_loss(logits, labels, torch.ones(1, seq), 1e-5, tp_group)
     storages = {}
     for t in saved:
         st = t.untyped_storage()
