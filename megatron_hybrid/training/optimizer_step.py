@@ -17,6 +17,7 @@ the token count from the step's report, and one ``_foreach_mul_`` applies ``clip
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -68,6 +69,37 @@ def _optimizer_grads(optimizer) -> list[torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def fp8_weight_cast_rowwise_only(optimizer):
+    """With FP8 weights (``--fp8-param-gather``): while the distributed optimizer casts the
+    updated master shards into the FP8 parameters, their quantizers write the row-wise FP8 data
+    only.
+
+    Why: TE's master-weight cast quantizes each shard as a ``[1, N]`` row; a quantizer that also
+    asks for the column-wise (transposed) copy makes TE transpose that 1 x N row with its
+    unvectorised kernel -- 121 ms per step at 7B-proxy widths on the H100
+    (``cast_transpose_general_kernel``, BENCHMARKS.md) -- and the copy is discarded anyway:
+    megatron's post-all-gather processing rebuilds every weight's transpose from the whole 2-D
+    weight right after. The usages are restored on exit. A no-op without FP8 weights."""
+    saved = []
+    for part in _parts(optimizer):
+        ddp = getattr(part, "ddp_config", None)
+        if ddp is None or not getattr(ddp, "fp8_param_gather", False):
+            continue
+        for buffer in getattr(part, "buffers", []):
+            for p in buffer.params:
+                q = getattr(p, "_quantizer", None)
+                if type(p).__name__ != "Float8Tensor" or q is None or not hasattr(q, "set_usage"):
+                    continue
+                saved.append((q, q.rowwise_usage, q.columnwise_usage))
+                q.set_usage(rowwise=True, columnwise=False)
+    try:
+        yield
+    finally:
+        for q, rowwise, columnwise in saved:
+            q.set_usage(rowwise=rowwise, columnwise=columnwise)
+
+
 def step_if_finite(optimizer, report: torch.Tensor, clip_grad: float):
     """Run the update when the gradient norm and the loss report are finite.
 
@@ -93,5 +125,6 @@ def step_if_finite(optimizer, report: torch.Tensor, clip_grad: float):
         grads = _optimizer_grads(optimizer)
         if grads:
             torch._foreach_mul_(grads, clip / tokens)
-        ok = bool(optimizer.step_with_ready_grads())
+        with fp8_weight_cast_rowwise_only(optimizer):
+            ok = bool(optimizer.step_with_ready_grads())
     return ok, grad_norm, report_h
