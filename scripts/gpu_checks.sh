@@ -165,8 +165,9 @@ python3 benchmarks/train_step.py --sides ${LONG_SIDES:-seq32k,seq64k} --peers /t
 fi
 if want fp8; then
 echo "== 7a. FP8: speed on the proxy (delayed, tensorwise, delayed with FP8 weights; ~4 min)"
-# FP8_PROFILE: sides that also print their profile by module (ours_fp8_params: its step costs
-# ~115 ms more than plain FP8's at the same fwd+bwd, H100 2026-12-05; find where)
+# FP8_PROFILE: sides that also print their profile by module (ours_fp8_params: its step cost
+# ~117 ms more than plain FP8's, 121 ms of it in TE's cast_transpose_general_kernel, H100
+# 2026-12-05 night; optimizer_step.fp8_weight_cast_rowwise_only is the fix to check here)
 python3 benchmarks/train_step.py --sides ${FP8_SIDES:-ours,ours_fp8_delayed,ours_fp8_tensorwise,ours_fp8_params} \
   --profile-sides "${FP8_PROFILE:-ours_fp8_params}" --steps 6 --json "$TS_JSON" > "$OUT/fp8bench.log" 2>&1
 grep -v Warn "$OUT/fp8bench.log" | grep -vE "^RESULT" | tail -45
