@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import triton_interpreting
+from .rows import as_rows, row_stride
 
 try:
     import triton
@@ -177,18 +178,6 @@ def _gated_rmsnorm_bwd_kernel(
     tl.store(dwp_ptr + pid * V + v, dw, mask=v_ok)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [R, V] with unit column stride, as a view where the layout allows."""
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
-
-def _row_stride(t2: torch.Tensor) -> int:
-    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
-
-
 def _gpu_sizes(x: torch.Tensor) -> bool:
     """Tile sizes for compiled kernels on a GPU (else the interpreter's small ones).
     tools/kernel_resources.py overrides this to compile the GPU's kernels on a CPU."""
@@ -225,8 +214,8 @@ class _GatedRMSNormFn(torch.autograd.Function):
                 rstd_R,
                 R,
                 V,
-                _row_stride(x2_RV),
-                _row_stride(g2_RV),
+                row_stride(x2_RV),
+                row_stride(g2_RV),
                 eps,
                 BR=BR,
                 BV=BV,
@@ -268,9 +257,9 @@ class _GatedRMSNormFn(torch.autograd.Function):
                 dw_GV,
                 R,
                 V,
-                _row_stride(x2_RV),
-                _row_stride(g2_RV),
-                _row_stride(dy_RV),
+                row_stride(x2_RV),
+                row_stride(g2_RV),
+                row_stride(dy_RV),
                 NB,
                 G,
                 BR=BR,
@@ -285,5 +274,5 @@ def gated_rmsnorm_triton(
     x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
     """Triton forward + backward of :func:`gated_rmsnorm_torch` (see :func:`gated_rmsnorm`)."""
-    y_RV = _GatedRMSNormFn.apply(_rows(x), _rows(gate), weight.contiguous(), float(eps))
+    y_RV = _GatedRMSNormFn.apply(as_rows(x), as_rows(gate), weight.contiguous(), float(eps))
     return y_RV.view(x.shape)

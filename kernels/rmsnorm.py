@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 
 from .dispatch import use_triton
+from .rows import as_rows
 
 AllReduce = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -56,24 +57,12 @@ def tp_rmsnorm_torch(x, weight, eps: float, full_width: int, all_reduce=None) ->
     return (weight * y).to(x.dtype)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[..., n]`` as ``[R, n]`` with a unit column stride: a view where the leading dims
-    collapse (contiguous tensors, column slices of wider rows such as q/k of a qkv output), else
-    a contiguous copy."""
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 class _TPRMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, full_width, all_reduce):
         from .rmsnorm_triton import norm_fwd, row_reduce
 
-        x2 = _rows(x)
+        x2 = as_rows(x)
         w = weight.contiguous()
         ss = _reduced(row_reduce(x2, None, None), all_reduce)
         y2, r = norm_fwd(x2, w, ss, full_width, eps)
@@ -87,7 +76,7 @@ class _TPRMSNorm(torch.autograd.Function):
         from .rmsnorm_triton import norm_bwd, row_reduce
 
         x2, w, r = ctx.saved_tensors
-        dy2 = _rows(dy)
+        dy2 = as_rows(dy)
         c = _reduced(row_reduce(x2, dy2, w), ctx.all_reduce)
         dx2, dw = norm_bwd(x2, dy2, w, r, c, ctx.full_width)
         return dx2.view(ctx.x_shape), dw.to(ctx.w_dtype), None, None, None

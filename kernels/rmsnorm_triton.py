@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rows import row_stride
+
 
 @triton.jit
 def _row_reduce_kernel(
@@ -146,10 +148,6 @@ def _tiles(x: torch.Tensor, n: int) -> tuple[int, int, int]:
     return 4, min(bn, 64), 4
 
 
-def _row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
 def row_reduce(x2: torch.Tensor, dy2: torch.Tensor | None, w: torch.Tensor | None) -> torch.Tensor:
     """Per-row fp32 ``sum(x^2)`` (``dy2`` None) or ``sum(dy * w * x)`` of ``[R, N]`` tensors."""
     R, N = x2.shape
@@ -159,9 +157,9 @@ def row_reduce(x2: torch.Tensor, dy2: torch.Tensor | None, w: torch.Tensor | Non
         bwd = dy2 is not None
         _row_reduce_kernel[(triton.cdiv(R, br),)](
             x2,
-            _row_stride(x2),
+            row_stride(x2),
             dy2 if bwd else x2,
-            _row_stride(dy2) if bwd else 0,
+            row_stride(dy2) if bwd else 0,
             w if bwd else x2,
             out,
             R,
@@ -183,7 +181,7 @@ def norm_fwd(x2, w, ss, width: int, eps: float):
     if R and N:
         br, bn, warps = _tiles(x2, N)
         _norm_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(N, bn))](
-            x2, _row_stride(x2), w, ss, r, y, R, N, float(width), eps,
+            x2, row_stride(x2), w, ss, r, y, R, N, float(width), eps,
             BR=br, BN=bn, num_warps=warps,
         )  # fmt: skip
     elif R:
@@ -207,7 +205,7 @@ def norm_bwd(x2, dy2, w, r, c, width: int):
     dwp = torch.zeros((g, N), dtype=torch.float32, device=x2.device)
     if R and N:
         _norm_bwd_kernel[(g, triton.cdiv(N, bn))](
-            x2, _row_stride(x2), dy2, _row_stride(dy2), w, r, c, dx, dwp, R, N, float(width),
+            x2, row_stride(x2), dy2, row_stride(dy2), w, r, c, dx, dwp, R, N, float(width),
             nb, g, BR=br, BN=bn, num_warps=warps,
         )  # fmt: skip
     return dx, dwp.sum(dim=0)  # fixed-order reduction of the per-program partials

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import use_triton
+from .rows import as_rows
 
 
 def swiglu_torch(x: torch.Tensor) -> torch.Tensor:
@@ -37,21 +38,13 @@ def swiglu_torch(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x_glu) * x_linear
 
 
-def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
-    """``t`` as ``[rows, width]`` with a unit last stride: a view whenever the leading dims
-    collapse (contiguous tensors, column slices of wider ones), else a contiguous copy."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(t.shape[:-1].numel(), width)
-
-
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         from .swiglu_triton import swiglu_fwd_triton
 
         two_f = x.shape[-1]
-        x2 = _rows(x, two_f)
+        x2 = as_rows(x)
         y = swiglu_fwd_triton(x2)
         ctx.save_for_backward(x2)
         ctx.x_shape = x.shape
@@ -62,7 +55,7 @@ class _SwiGLU(torch.autograd.Function):
         from .swiglu_triton import swiglu_bwd_triton
 
         (x2,) = ctx.saved_tensors
-        dy2 = _rows(dy, x2.shape[1] // 2)
+        dy2 = as_rows(dy)
         return swiglu_bwd_triton(x2, dy2).view(ctx.x_shape)
 
 
