@@ -26,6 +26,11 @@ from collections.abc import Callable, Iterable
 
 PREFIX = "mod::"
 BACKWARD_OP = "autograd::engine::evaluate_function: "
+# autograd functions that do a module's work outside its forward: the fused LM head + loss
+# (layers/output_loss.py) runs in the loss function, after the output layer handed back its
+# input. Its forward op holds the head's forward *and* its dgrad / wgrad GEMMs (computed there);
+# its backward op only scales the input gradient.
+OPS_AS_MODULES = {"_ChunkedHeadLoss": "LM head"}
 # standalone norm modules (ours, TE's); TE's LayerNormLinear (norm fused into a projection) is
 # deliberately not one: its time belongs to the mixer or MLP it feeds
 NORMS = {"RMSNorm", "TPFullWidthRMSNorm", "LayerNorm", "FusedLayerNorm", "WrappedTorchNorm"}
@@ -107,8 +112,11 @@ def attribute(events, categorize: Callable[[str], str], *, cpu: bool = False) ->
     out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     def visit(ev, label: str) -> None:
+        op_module = OPS_AS_MODULES.get(ev.name.removeprefix(BACKWARD_OP).removesuffix("Backward"))
         if ev.name.startswith(PREFIX):
             label = "fwd " + ev.name[len(PREFIX) :]
+        elif op_module:
+            label = ("bwd " if ev.name.endswith("Backward") else "fwd ") + op_module
         elif ev.name.startswith(BACKWARD_OP) and ev.sequence_nr >= 0:
             owner = seq_owner.get((ev.fwd_thread, ev.sequence_nr))
             label = "bwd " + owner if owner else label
