@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_hybrid import mcore
 from megatron_hybrid.training.faults import fault_iterations
+from megatron_hybrid.training.optimizer_step import fp8_weight_cast_rowwise_only
 
 TRACKER = "latest_checkpointed_iteration.txt"
 OPTIM_META = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -566,6 +567,31 @@ def _refresh_main_params(optimizer) -> None:
         optimizer.reload_model_params()
 
 
+def _recast_fp8_weights(optimizer, chunks) -> None:
+    """With FP8 weights (``--fp8-param-gather``): cast the model's FP8 parameters again from the
+    fp32 master weights just loaded, as the optimizer does after every step.
+
+    Why (suspected, to be confirmed on a GPU by tests/gpu/test_fp8.py::
+    test_fp8_param_gather_trains_and_resumes): the model's own load sets each FP8 weight by
+    quantizing its saved value, possibly with the scale in effect before TE's FP8 state is
+    restored, while the run that saved the checkpoint had cast it from the master weight; the
+    two can differ in the last FP8 bit. Without this the H100 showed a resumed run's loss 1e-4
+    off the uninterrupted one's at the next step. Then megatron's parameter all-gather (and its
+    post-processing: the transposes)."""
+    parts = [
+        p
+        for p in getattr(optimizer, "chained_optimizers", [optimizer])
+        if getattr(getattr(p, "ddp_config", None), "fp8_param_gather", False)
+    ]
+    if not parts:
+        return
+    with fp8_weight_cast_rowwise_only(optimizer):
+        for part in parts:
+            part._copy_main_params_to_model_params()
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)
+
+
 def load_weights_only(path: str, chunks, optimizer) -> None:
     """The model weights of checkpoint ``path`` (full or weights-only, any layout) and nothing
     else: optimizer state, LR schedule and RNG stay as built (fresh)."""
@@ -694,6 +720,7 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler, load_optimizer: boo
         if load_optimizer and optimizer is not None:
             _align_param_groups(state["optimizer"], optimizer)
             optimizer.load_state_dict(state["optimizer"])
+            _recast_fp8_weights(optimizer, chunks)
         else:
             _refresh_main_params(optimizer)
         if scheduler is not None:
