@@ -160,8 +160,10 @@ def deferred_logits(model_chunks):
     final hidden states ``[s, b, D]``) instead of logits, so megatron's model returns
     ``[b, s, D]`` hidden states and the loss applies :func:`lm_head_loss` with the layer's
     weight. Other callers of the model (generation, accuracy tests) get logits as usual."""
-    layers = [c for c in (_output_layer(m) for m in model_chunks) if c is not None]
+    layers = [c for c in (output_layer_of(m) for m in model_chunks) if c is not None]
     for layer in layers:
+        if not hasattr(layer, "_defer_logits"):
+            _install(layer)
         layer._defer_logits = True
     try:
         yield
@@ -171,18 +173,12 @@ def deferred_logits(model_chunks):
 
 
 def output_layer_of(model_chunk):
-    """The output layer (megatron's ColumnParallelLinear) of a model chunk, or None."""
-    return _output_layer(model_chunk)
-
-
-def _output_layer(model_chunk):
+    """The output layer (megatron's ColumnParallelLinear) of a model chunk inside its DDP /
+    Float16Module wrappers, or None (not the last pipeline stage)."""
     m = model_chunk
     while not hasattr(m, "output_layer") and hasattr(m, "module"):
         m = m.module
-    layer = getattr(m, "output_layer", None)
-    if layer is not None and not hasattr(layer, "_defer_logits"):
-        _install(layer)
-    return layer
+    return getattr(m, "output_layer", None)
 
 
 def _install(layer) -> None:
@@ -194,5 +190,4 @@ def _install(layer) -> None:
             return hidden_states, None
         return original(hidden_states, *args, **kwargs)
 
-    layer._defer_logits = False
     layer.forward = forward

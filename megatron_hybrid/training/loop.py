@@ -244,19 +244,15 @@ class Trainer:
         t = self.run.train
         fused_head = deferred_logits(self.chunks) if t.lm_head_loss_chunk_tokens else nullcontext()
         with fused_head:
-            return self._schedule(iters, microbatches, forward_only)
-
-    def _schedule(self, iters, microbatches, forward_only: bool):
-        t = self.run.train
-        return self.forward_backward(
-            forward_step_func=self._forward_step,
-            data_iterator=iters if len(iters) > 1 else iters[0],
-            model=self.chunks,
-            num_microbatches=len(microbatches),
-            seq_length=t.micro_batch_size * self.run.data.seq_length,
-            micro_batch_size=1,
-            forward_only=forward_only,
-        )
+            return self.forward_backward(
+                forward_step_func=self._forward_step,
+                data_iterator=iters if len(iters) > 1 else iters[0],
+                model=self.chunks,
+                num_microbatches=len(microbatches),
+                seq_length=t.micro_batch_size * self.run.data.seq_length,
+                micro_batch_size=1,
+                forward_only=forward_only,
+            )
 
     def _reduce_report(self, store, stop_flag: bool = False) -> torch.Tensor:
         """``[ce_sum, z_sum, tokens, stop]`` over the global batch, on the device, the same on

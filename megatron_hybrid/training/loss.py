@@ -22,7 +22,12 @@ def masked_lm_loss(logits_bsV, labels_bs, loss_mask_bs, z_coeff: float, tp_group
     ``nan``: test hook, poisons the loss and the report (NaN-skipping tests)."""
     ce, z = cross_entropy_with_z_loss(logits_bsV, labels_bs, tp_group, inplace_backward=True)
     mask = loss_mask_bs.to(ce.dtype)
-    loss = ((ce + z_coeff * z) * mask).sum()
+    return _with_report(((ce + z_coeff * z) * mask).sum(), ce, z, mask, nan)
+
+
+def _with_report(loss, ce, z, mask, nan: bool):
+    """What megatron's schedule takes from a loss function: ``(loss, tokens, {"sums": [ce sum,
+    z sum, tokens]})``; ``nan`` poisons the loss and the report (test hook)."""
     if nan:
         loss = loss * float("nan")
         ce = ce * float("nan")
@@ -56,9 +61,4 @@ def masked_lm_head_loss(
         sequence_parallel=sequence_parallel,
         chunk_tokens=chunk_tokens,
     )
-    mask = mask_sb.reshape(-1)
-    if nan:
-        loss = loss * float("nan")
-        ce = ce * float("nan")
-    report = torch.stack([(ce * mask).sum(), (z * mask).sum(), mask.sum()])
-    return loss, mask.sum().to(torch.int), {"sums": report}
+    return _with_report(loss, ce, z, mask_sb.reshape(-1), nan)

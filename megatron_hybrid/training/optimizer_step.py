@@ -75,12 +75,13 @@ def fp8_weight_cast_rowwise_only(optimizer):
     updated master shards into the FP8 parameters, their quantizers write the row-wise FP8 data
     only.
 
-    Why: TE's master-weight cast quantizes each shard as a ``[1, N]`` row; a quantizer that also
-    asks for the column-wise (transposed) copy makes TE transpose that 1 x N row with its
-    unvectorised kernel -- 121 ms per step at 7B-proxy widths on the H100
-    (``cast_transpose_general_kernel``, BENCHMARKS.md) -- and the copy is discarded anyway:
-    megatron's post-all-gather processing rebuilds every weight's transpose from the whole 2-D
-    weight right after. The usages are restored on exit. A no-op without FP8 weights."""
+    Why: with FP8 weights the H100 profile spent 121 ms per step at 7B-proxy widths in TE's
+    unvectorised ``cast_transpose_general_kernel`` outside every module (BENCHMARKS.md). TE's
+    master-weight cast quantizes each shard as a ``[1, N]`` row, so a quantizer that also asks
+    for the column-wise (transposed) copy has TE transpose a 1 x N row -- the suspected source,
+    to be confirmed by the next GPU profile. That copy is not needed: megatron's
+    post-all-gather processing rebuilds every weight's transpose from the whole 2-D weight right
+    after. The usages are restored on exit. A no-op without FP8 weights."""
     saved = []
     for part in _parts(optimizer):
         ddp = getattr(part, "ddp_config", None)
