@@ -181,13 +181,17 @@ echo "== 8. expressivity grid (rerun the same command until it exits 0; exit 4 =
 # state_recall gets its own, longer run: at the default 1500 steps even the hybrid with beta in
 # (0,2) stays near chance (one real-size cell on CPU, docs/science.md)
 # (step "recall", one device call of its own)
-python3 tools/expressivity.py --out /tmp/runs/expressivity --device cuda --jobs 12 --time-limit 480 \
+# runs/ is in the repo folder: carry it ("carry": ["runs/expressivity"]) into the next call, whose
+# machine may be a fresh one, and the grid resumes where this call's $OUT copy left it
+python3 tools/expressivity.py --out runs/expressivity --device cuda --jobs 12 --time-limit ${SCIENCE_LIMIT:-480} \
   --tasks s5 parity mqar
-cp -r /tmp/runs/expressivity "$OUT/" 2>/dev/null
+echo "expressivity rc=$?"
+cp -r runs/expressivity "$OUT/" 2>/dev/null
 fi
 if want recall; then
 echo "== 8b. state-based recall, 6000 steps (rerun until it exits 0)"
-python3 tools/expressivity.py --out /tmp/runs/expressivity_recall --device cuda --jobs 12 \
-  --time-limit 480 --tasks state_recall --train-iters 6000
-cp -r /tmp/runs/expressivity_recall "$OUT/" 2>/dev/null
+python3 tools/expressivity.py --out runs/expressivity_recall --device cuda --jobs 12 \
+  --time-limit ${SCIENCE_LIMIT:-480} --tasks state_recall --train-iters 6000
+echo "expressivity rc=$?"
+cp -r runs/expressivity_recall "$OUT/" 2>/dev/null
 fi
