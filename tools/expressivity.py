@@ -6,7 +6,8 @@
     python tools/expressivity.py --out /tmp/expr --toy --tasks parity --archs transformer gdn_beta02 --seeds 1
 
 Writes <out>/expressivity.md, .json and .png; finished cells are kept in <out>/cells/ and
-skipped when the same command is run again (an interrupted grid resumes).
+skipped when the same command is run again; cells stopped by --time-limit save a checkpoint
+(<out>/cells/<cell>.ckpt) and resume from it (an interrupted grid loses at most a step per cell).
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def main(argv=None) -> int:
         "--time-limit",
         type=float,
         default=None,
-        help="seconds: start no cell that would end later, stop running ones then (the same "
-        "command resumes). 510 keeps a sitting under 9 minutes",
+        help="seconds: start no cell that would end later; running ones save and stop then "
+        "(within STOP_GRACE_S = 120 s; exit status 4: the same command resumes them). 420 keeps "
+        "a sitting under 9 minutes",
     )
     p.add_argument(
         "--precision",

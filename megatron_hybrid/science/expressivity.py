@@ -179,16 +179,30 @@ def plan(grid: GridConfig) -> list[dict]:
     return cells
 
 
-def run_cell(cell: dict, log_path: str) -> dict:
-    """Train and evaluate one cell in this process; returns its result dict."""
+def run_cell(cell: dict, log_path: str, ckpt_dir: str | None = None,
+             deadline: float | None = None) -> dict | None:  # fmt: skip
+    """Train and evaluate one cell in this process; returns its result dict, or None when it
+    stopped early (``deadline``, or SIGTERM/SIGUSR1: the trainer saves into ``ckpt_dir`` first,
+    and the next call with the same ``ckpt_dir`` resumes from there).
+
+    ``ckpt_dir`` is added as --save/--load at run time only: the recorded command line (the
+    cell's identity when a rerun looks for finished cells) stays the same with or without it."""
+    import shutil
+    import threading
+
     from megatron_hybrid.parallel import state
     from megatron_hybrid.training.cli import parse
     from megatron_hybrid.training.loop import Trainer
 
-    run, _ = parse(cell["argv"])
+    argv = list(cell["argv"]) + (["--save", ckpt_dir, "--load", ckpt_dir] if ckpt_dir else [])
+    run, _ = parse(argv)
+    resuming = bool(ckpt_dir) and os.path.isdir(ckpt_dir)
+    spent_path = os.path.join(ckpt_dir, "seconds_before.txt") if ckpt_dir else None
+    spent = float(open(spent_path).read()) if resuming and os.path.isfile(spent_path) else 0.0
     t0 = time.time()
     losses = []
-    with open(log_path, "w") as logf:
+    timer = None
+    with open(log_path, "a" if resuming else "w") as logf:
 
         def log(line: str) -> None:
             logf.write(line + "\n")
@@ -198,19 +212,37 @@ def run_cell(cell: dict, log_path: str) -> dict:
 
         try:
             trainer = Trainer(run, log=log).setup()
+            if deadline is not None:  # the trainer saves at the next step boundary and returns
+                timer = threading.Timer(
+                    max(0.0, deadline - time.time()),
+                    lambda: setattr(trainer, "stop_signal", "time limit"),
+                )
+                timer.daemon = True
+                timer.start()
             trainer.train()
+            finished = trainer.iteration >= run.train.train_iters
             metrics = trainer.task_metrics
             params = trainer.run.model.num_params()
             device = str(trainer.device)
         finally:
+            if timer is not None:
+                timer.cancel()
             state.destroy()
+    seconds = spent + time.time() - t0
+    if not finished:
+        if spent_path and os.path.isdir(ckpt_dir):
+            with open(spent_path, "w") as f:
+                f.write(f"{seconds:.1f}")
+        return None
+    if ckpt_dir:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the result is all a finished cell keeps
     return {
         **cell,
         "params": params,
         "device": device,
         "final_train_loss": losses[-1] if losses else None,
         "metrics": {str(k): v for k, v in metrics.items()},
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(seconds, 1),
     }
 
 
@@ -222,12 +254,17 @@ def _worker_env(gpu: int | None) -> dict:
     return env
 
 
+STOP_GRACE_S = 120.0
+"""How long past the time limit the grid waits for its workers to save and stop."""
+
+
 def run_grid(grid: GridConfig, out: str, jobs: int = 0, log=print,
              time_limit: float | None = None) -> dict:  # fmt: skip
     """Run (or resume) every cell, then write the tables and the plot; returns the summary.
-    ``time_limit`` (seconds): start no cell that the mean cell time says would end past it and
-    stop running ones at it; the tables then cover the finished cells and ``doc["pending"]``
-    counts the rest (run the same command again to finish them)."""
+    ``time_limit`` (seconds): start no cell that the mean cell time says would end past it, and
+    at it, running cells save a checkpoint (``<cells>/<cell>.ckpt``) and stop; the tables then
+    cover the finished cells and ``doc["pending"]`` counts the rest. The same command again
+    resumes the stopped cells from their checkpoints and runs the others."""
     cells_dir = os.path.join(out, "cells")
     os.makedirs(cells_dir, exist_ok=True)
     todo, results = [], {}
@@ -251,11 +288,16 @@ def run_grid(grid: GridConfig, out: str, jobs: int = 0, log=print,
         guess = float(np.mean(durations)) if durations else 0.0
         return time.time() + guess < deadline
 
+    stopped: list[str] = []
     if jobs <= 0:
         for i, cell in enumerate(todo):
             if not may_start():
                 break
-            res = run_cell(cell, os.path.join(cells_dir, cell["name"] + ".log"))
+            ckpt = _ckpt_dir(cells_dir, cell["name"])
+            res = run_cell(cell, os.path.join(cells_dir, cell["name"] + ".log"), ckpt, deadline)
+            if res is None:
+                stopped.append(cell["name"])
+                break
             _save(cells_dir, res)
             results[cell["name"]] = res
             durations.append(res["seconds"])
@@ -267,17 +309,19 @@ def run_grid(grid: GridConfig, out: str, jobs: int = 0, log=print,
         running: list[tuple[subprocess.Popen, dict]] = []
         queue, finished = list(todo), 0
         while queue or running:
-            if deadline is not None and time.time() > deadline:
-                for proc, _cell in running:
+            if deadline is not None and time.time() > deadline + STOP_GRACE_S:
+                # the workers stop themselves at the deadline (saving); these did not in time
+                for proc, cell in running:
                     proc.kill()
                     proc.wait()
-                log(f"[expressivity] time limit: stopped {len(running)} running cells")
+                    stopped.append(cell["name"])
+                log(f"[expressivity] killed {len(running)} cells that did not stop in time")
                 break
             while queue and len(running) < jobs and may_start():
                 cell = queue.pop(0)
                 spec_path = os.path.join(cells_dir, cell["name"] + ".cell.json")
                 with open(spec_path, "w") as f:
-                    json.dump(cell, f)
+                    json.dump({**cell, "deadline": deadline}, f)
                 gpu = (finished + len(running)) % n_gpus if n_gpus else None
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "megatron_hybrid.science.expressivity", spec_path],
@@ -293,6 +337,9 @@ def run_grid(grid: GridConfig, out: str, jobs: int = 0, log=print,
                 if proc.poll() is None:
                     continue
                 running.remove((proc, cell))
+                if proc.returncode == STOPPED_EXIT:
+                    stopped.append(cell["name"])
+                    continue
                 finished += 1
                 path = os.path.join(cells_dir, cell["name"] + ".json")
                 if proc.returncode != 0 or not os.path.isfile(path):
@@ -305,6 +352,8 @@ def run_grid(grid: GridConfig, out: str, jobs: int = 0, log=print,
                 durations.append(results[cell["name"]]["seconds"])
                 os.remove(os.path.join(cells_dir, cell["name"] + ".cell.json"))
                 log(_progress(finished, len(todo), results[cell["name"]], t0))
+    if stopped:
+        log(f"[expressivity] time limit: {len(stopped)} cells stopped, saved: {', '.join(stopped)}")
     cells = plan(grid)
     ordered = [results[c["name"]] for c in cells if c["name"] in results]
     doc = write_outputs(grid, ordered, out, pending=len(cells) - len(ordered))
@@ -456,14 +505,31 @@ def plot(grid: GridConfig, summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+STOPPED_EXIT = 3
+"""A worker's exit status when its cell stopped early, saved (time limit or signal)."""
+
+
 def _worker(spec_path: str) -> int:
-    """Subprocess entry: run the cell in ``spec_path`` and save its result next to it."""
+    """Subprocess entry: run the cell in ``spec_path`` (resuming from its checkpoint) and save
+    its result next to it; STOPPED_EXIT when it stopped early, saved."""
     with open(spec_path) as f:
-        cell = json.load(f)
+        spec = json.load(f)
+    deadline = spec.pop("deadline", None)
     cells_dir = os.path.dirname(spec_path)
-    res = run_cell(cell, os.path.join(cells_dir, cell["name"] + ".log"))
+    res = run_cell(
+        spec,
+        os.path.join(cells_dir, spec["name"] + ".log"),
+        ckpt_dir=_ckpt_dir(cells_dir, spec["name"]),
+        deadline=deadline,
+    )
+    if res is None:
+        return STOPPED_EXIT
     _save(cells_dir, res)
     return 0
+
+
+def _ckpt_dir(cells_dir: str, name: str) -> str:
+    return os.path.join(cells_dir, name + ".ckpt")
 
 
 if __name__ == "__main__":

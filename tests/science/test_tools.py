@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -133,3 +134,45 @@ def test_grid_precision_reaches_the_trainer():
         (cell,) = ex.plan(grid)
         run, _ = parse(cell["argv"])
         assert run.train.precision == precision
+
+
+def test_cell_stopped_by_the_time_limit_resumes_to_the_same_result(tmp_path):
+    """A cell stopped at the grid's time limit saves and, run again, resumes from its
+    checkpoint and ends with exactly the result of an uninterrupted run (CPU training is
+    deterministic), so a grid can be spread over several short GPU calls."""
+    from megatron_hybrid.science import expressivity as ex
+
+    grid = ex.GridConfig(tasks={"parity": ex.TOY_TASKS["parity"]}, archs=["hybrid_beta02"],
+                         seeds=[1], shape=ex.TOY_SHAPE, train_iters=4, eval_examples=8)  # fmt: skip
+    (cell,) = ex.plan(grid)
+    whole = ex.run_cell(cell, str(tmp_path / "whole.log"))
+    ckpt = str(tmp_path / "cell.ckpt")
+    log = str(tmp_path / "cell.log")
+    # a deadline already past: the trainer stops (saving) at its first step boundary
+    assert ex.run_cell(cell, log, ckpt_dir=ckpt, deadline=time.time()) is None
+    assert (tmp_path / "cell.ckpt" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    resumed = ex.run_cell(cell, log, ckpt_dir=ckpt)
+    assert resumed is not None and not os.path.exists(ckpt)  # a finished cell keeps its result only
+    assert "resumed from" in open(log).read()
+    assert resumed["argv"] == cell["argv"]  # --save/--load stay out of the cell's identity
+    assert resumed["metrics"] == whole["metrics"]
+    assert resumed["final_train_loss"] == whole["final_train_loss"]
+
+
+def test_grid_time_limit_saves_running_cells_and_the_rerun_resumes_them(tmp_path):
+    """tools/expressivity.py in worker mode (as on the GPU): the time limit lands while the cell
+    runs; the worker saves and stops, the tool exits 4 (work left); the same command resumes it."""
+    out = tmp_path / "expr"
+    args = ["tools/expressivity.py", "--out", str(out), "--toy", "--tasks", "parity",
+            "--archs", "gdn_beta02", "--seeds", "1", "--train-iters", "4",
+            "--eval-examples", "8", "--jobs", "1"]  # fmt: skip
+    first = run_python([*args, "--time-limit", "2"], timeout=300)  # setup alone takes longer
+    assert first.returncode == 4, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "1 cells stopped, saved: parity__gdn_beta02__s1" in first.stdout
+    ckpt = out / "cells" / "parity__gdn_beta02__s1.ckpt"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+    second = run_python(args, timeout=300)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "resumed from" in (out / "cells" / "parity__gdn_beta02__s1.log").read_text()
+    assert not ckpt.exists()
+    assert json.loads((out / "expressivity.json").read_text())["pending"] == 0
