@@ -11,8 +11,8 @@
 #      against fla (guard bypassed, timing only) and SDPA at shapes KSHAPES, per-kernel breakdowns, conv / gated-norm rows, kerrors = the
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
-# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests fp8tests bench long fp8 fp8curves recall
-# science -- only when named); ITERS the demo's
+# STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests fp8tests bench long fp8 fp8curves
+# science recall mqarlong -- only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
 set -uo pipefail
@@ -181,17 +181,25 @@ echo "== 8. expressivity grid (rerun the same command until it exits 0; exit 4 =
 # state_recall gets its own, longer run: at the default 1500 steps even the hybrid with beta in
 # (0,2) stays near chance (one real-size cell on CPU, docs/science.md)
 # (step "recall", one device call of its own)
-# runs/ is in the repo folder: carry it ("carry": ["runs/expressivity"]) into the next call, whose
-# machine may be a fresh one, and the grid resumes where this call's $OUT copy left it
-python3 tools/expressivity.py --out runs/expressivity --device cuda --jobs 12 --time-limit ${SCIENCE_LIMIT:-480} \
+# runs/ is in the repo folder and stays between calls on a warm machine (stopped cells resume
+# from their checkpoints). For a fresh machine unpack the returned .tgz here and carry
+# runs/expressivity: its finished cells are skipped
+python3 tools/expressivity.py --out runs/expressivity --device cuda --jobs 12 --time-limit ${SCIENCE_LIMIT:-420} \
   --tasks s5 parity mqar
 echo "expressivity rc=$?"
-cp -r runs/expressivity "$OUT/" 2>/dev/null
+tar czf "$OUT/expressivity.tgz" --exclude='*.ckpt' runs/expressivity  # one file: $OUT returns few
+fi
+if want mqarlong; then
+echo "== 8c. the transformer on MQAR with 4x the budget (it sat on a plateau at 1500 steps)"
+python3 tools/expressivity.py --out runs/expressivity_mqar6k --device cuda --jobs 12 \
+  --time-limit ${SCIENCE_LIMIT:-420} --tasks mqar --archs transformer hybrid_beta02 --train-iters 6000
+echo "expressivity rc=$?"
+tar czf "$OUT/expressivity_mqar6k.tgz" --exclude='*.ckpt' runs/expressivity_mqar6k
 fi
 if want recall; then
 echo "== 8b. state-based recall, 6000 steps (rerun until it exits 0)"
 python3 tools/expressivity.py --out runs/expressivity_recall --device cuda --jobs 12 \
-  --time-limit ${SCIENCE_LIMIT:-480} --tasks state_recall --train-iters 6000
+  --time-limit ${SCIENCE_LIMIT:-420} --tasks state_recall --train-iters 6000
 echo "expressivity rc=$?"
-cp -r runs/expressivity_recall "$OUT/" 2>/dev/null
+tar czf "$OUT/expressivity_recall.tgz" --exclude='*.ckpt' runs/expressivity_recall  # one file: $OUT returns few
 fi
