@@ -12,7 +12,7 @@
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
 # STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests fp8tests bench long fp8 fp8curves
-# science recall mqarlong -- only when named); ITERS the demo's
+# science recall mqarlong ladder -- only when named); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
 set -uo pipefail
@@ -202,4 +202,16 @@ python3 tools/expressivity.py --out runs/expressivity_recall --device cuda --job
   --time-limit ${SCIENCE_LIMIT:-420} --tasks state_recall --train-iters 6000
 echo "expressivity rc=$?"
 tar czf "$OUT/expressivity_recall.tgz" --exclude='*.ckpt' runs/expressivity_recall  # one file: $OUT returns few
+fi
+if want ladder; then
+echo "== 9. scaling ladder, one GPU (rerun until it exits 0; exit 4 = work left)"
+# stopped rungs resume from their checkpoints while the machine stays warm. For a later sitting
+# (a fresh machine) unpack ladder.tgz here and carry runs/ladder: the finished rungs are
+# skipped, and the corpus is rebuilt with the carried tokenizer and checked against its
+# recorded fingerprint (science/ladder.py)
+python3 tools/scaling_ladder.py --out runs/ladder --sizes ${LADDER_SIZES:-256x4,384x8,512x8,640x8} \
+  --tokens-per-param 5 --time-limit ${LADDER_LIMIT:-420} --jobs ${LADDER_JOBS:-4} ${LADDER_ARGS:-}
+echo "ladder rc=$?"
+( cd runs/ladder && tar czf "$OUT/ladder.tgz" corpus/corpus.json corpus/tokenizer.model \
+    corpus/tokenizer.vocab $(ls rungs/*.json rungs/*.log rungs/*.stdout scaling_ladder.* 2>/dev/null) )
 fi

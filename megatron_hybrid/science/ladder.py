@@ -156,8 +156,29 @@ def rung_plan(cfg: LadderConfig, rung: Rung, data: dict, out: str) -> dict:
         "tokens": iters * tokens_per_step,
         "flops_per_token": fpt,
         "flops": fpt * iters * tokens_per_step,
+        "corpus": data.get("fingerprint"),
         "argv": rung_argv(cfg, rung, data, iters, save),
     }
+
+
+def check_finished_rungs(plans: list[dict], out: str) -> None:
+    """Refuse to mix corpora: a finished rung recorded with another corpus fingerprint than
+    this run's data would be skipped and then fitted next to rungs it does not compare with."""
+    wrong = []
+    for p in plans:
+        path = os.path.join(out, "rungs", p["name"] + ".json")
+        if not (p.get("corpus") and os.path.isfile(path)):
+            continue
+        with open(path) as f:
+            had = json.load(f).get("corpus")
+        if had and had != p["corpus"]:
+            wrong.append(f"{p['name']} ({had})")
+    if wrong:
+        raise RuntimeError(
+            f"finished rungs in {out}/rungs were trained on another corpus than this run's "
+            f"(fingerprint {plans[0]['corpus']}): {', '.join(wrong)}. Use their data again "
+            "(--data-path/--tokenizer-model), or a new --out, or move those rungs aside"
+        )
 
 
 _VAL = " validation loss at iteration "
@@ -229,10 +250,32 @@ def run_rung(plan: dict, out: str, deadline: float | None, log=print,
     return result
 
 
+def corpus_fingerprint(data: dict) -> str:
+    """A cheap identity of a tokenized corpus: sha256 of its .idx (every document's length and
+    offset), its .bin size and the tokenizer file. Rungs compare only on the same corpus."""
+    import hashlib
+
+    h = hashlib.sha256()
+    prefix = data["prefix"]
+    with open(prefix + ".idx", "rb") as f:
+        h.update(f.read())
+    h.update(str(os.path.getsize(prefix + ".bin")).encode())
+    tok = data.get("tokenizer_model")
+    if tok and os.path.isfile(tok):
+        with open(tok, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def prepare_demo_corpus(out: str, max_mb: float, vocab: int, site_packages: bool,
                         log=print) -> dict:  # fmt: skip
     """The demo corpus (python sources of this machine), its tokenizer and indexed dataset,
-    built once under ``<out>/corpus`` (a lock keeps concurrent array tasks from racing)."""
+    built once under ``<out>/corpus`` (a lock keeps concurrent array tasks from racing).
+
+    Another machine (a later GPU sitting) rebuilds it from its own files: carry
+    ``corpus/corpus.json`` and ``corpus/tokenizer.model`` there with the finished rungs'
+    JSON; the tokenizer is then reused, not retrained, and the rebuilt corpus must have the
+    recorded fingerprint, else this stops (rungs on different data do not compare)."""
     import fcntl
 
     from megatron_hybrid.data.demo_corpus import build_stdlib_corpus
@@ -244,35 +287,55 @@ def prepare_demo_corpus(out: str, max_mb: float, vocab: int, site_packages: bool
     done = os.path.join(cdir, "corpus.json")
     with open(os.path.join(cdir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(done):
-            jsonl = os.path.join(cdir, "corpus.jsonl")
-            info = build_stdlib_corpus(
-                jsonl, max_bytes=int(max_mb * 1e6), site_packages=site_packages
-            )
-            log(f"[ladder] corpus: {info['documents']} files, {info['bytes'] / 1e6:.1f} MB")
+        recorded = None
+        if os.path.isfile(done):
+            with open(done) as f:
+                recorded = json.load(f)
+            if os.path.isfile(recorded["prefix"] + ".bin"):
+                if "fingerprint" not in recorded:  # built before fingerprints: record it now
+                    recorded["fingerprint"] = corpus_fingerprint(recorded)
+                    with open(done, "w") as f:
+                        json.dump(recorded, f, indent=1)
+                return recorded
+        jsonl = os.path.join(cdir, "corpus.jsonl")
+        info = build_stdlib_corpus(jsonl, max_bytes=int(max_mb * 1e6), site_packages=site_packages)
+        log(f"[ladder] corpus: {info['documents']} files, {info['bytes'] / 1e6:.1f} MB")
+        tok = os.path.join(cdir, "tokenizer.model")
+        if os.path.isfile(tok):
+            log(f"[ladder] tokenizer: {tok} (kept, not retrained)")
+        else:
             tok = train_sentencepiece([jsonl], os.path.join(cdir, "tokenizer"), vocab_size=vocab)
-            summary = preprocess(
-                [jsonl],
-                os.path.join(cdir, "corpus"),
-                "SentencePieceTokenizer",
-                tok,
-                workers=max(1, min(16, os.cpu_count() or 1)),
-                append_eod=True,
-                progress=False,
+        summary = preprocess(
+            [jsonl],
+            os.path.join(cdir, "corpus"),
+            "SentencePieceTokenizer",
+            tok,
+            workers=max(1, min(16, os.cpu_count() or 1)),
+            append_eod=True,
+            progress=False,
+        )
+        log(f"[ladder] preprocessed: {summary.documents} documents, {summary.tokens:,} tokens")
+        meta = {
+            "prefix": summary.outputs[0],
+            "tokenizer_type": "SentencePieceTokenizer",
+            "tokenizer_model": tok,
+            "tokens": summary.tokens,
+            "documents": summary.documents,
+            "cache_dir": os.path.join(cdir, "index_cache"),
+        }
+        meta["fingerprint"] = corpus_fingerprint(meta)
+        if recorded and recorded.get("fingerprint") not in (None, meta["fingerprint"]):
+            raise RuntimeError(
+                f"the corpus built here ({meta['tokens']:,} tokens, fingerprint "
+                f"{meta['fingerprint']}) differs from the one recorded in {done} "
+                f"({recorded.get('tokens')} tokens, fingerprint {recorded['fingerprint']}), "
+                "which the finished rungs were trained on: their losses would not compare. "
+                "Build on a machine with the same Python files, pass --data-path/--tokenizer-model "
+                "of the original corpus, or start a new --out"
             )
-            log(f"[ladder] preprocessed: {summary.documents} documents, {summary.tokens:,} tokens")
-            meta = {
-                "prefix": summary.outputs[0],
-                "tokenizer_type": "SentencePieceTokenizer",
-                "tokenizer_model": tok,
-                "tokens": summary.tokens,
-                "documents": summary.documents,
-                "cache_dir": os.path.join(cdir, "index_cache"),
-            }
-            with open(done, "w") as f:
-                json.dump(meta, f, indent=1)
-        with open(done) as f:
-            return json.load(f)
+        with open(done, "w") as f:
+            json.dump(meta, f, indent=1)
+        return meta
 
 
 def report(cfg: LadderConfig, plans: list[dict], out: str, bootstrap: int = 1000) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -176,3 +177,40 @@ def test_grid_time_limit_saves_running_cells_and_the_rerun_resumes_them(tmp_path
     assert "resumed from" in (out / "cells" / "parity__gdn_beta02__s1.log").read_text()
     assert not ckpt.exists()
     assert json.loads((out / "expressivity.json").read_text())["pending"] == 0
+
+
+def test_ladder_corpus_rebuilt_elsewhere_must_be_the_same(tmp_path):
+    """A ladder spread over GPU sittings rebuilds the demo corpus on each fresh machine from the
+    carried corpus.json + tokenizer: the tokenizer is reused and the rebuilt corpus must match
+    the recorded fingerprint; finished rungs of another corpus are refused, not mixed in."""
+    from megatron_hybrid.science import ladder as L
+
+    out = str(tmp_path / "ladder")
+    first = L.prepare_demo_corpus(out, 0.2, 512, site_packages=False, log=lambda *_: None)
+    assert len(first["fingerprint"]) == 16
+    cdir = tmp_path / "ladder" / "corpus"
+
+    def fresh_machine():  # what a new sitting has: the carried files only
+        for f in cdir.iterdir():
+            if f.name not in ("corpus.json", "tokenizer.model", "tokenizer.vocab"):
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+
+    fresh_machine()
+    lines = []
+    again = L.prepare_demo_corpus(out, 0.2, 512, site_packages=False, log=lines.append)
+    assert any("kept, not retrained" in x for x in lines)
+    assert again["fingerprint"] == first["fingerprint"] and again["tokens"] == first["tokens"]
+
+    fresh_machine()
+    doc = json.loads((cdir / "corpus.json").read_text())
+    (cdir / "corpus.json").write_text(json.dumps({**doc, "fingerprint": "0123456789abcdef"}))
+    with pytest.raises(RuntimeError, match="differs from the one recorded"):
+        L.prepare_demo_corpus(out, 0.2, 512, site_packages=False, log=lambda *_: None)
+
+    rungs = tmp_path / "ladder" / "rungs"
+    rungs.mkdir()
+    (rungs / "hybrid_r1.json").write_text(json.dumps({"corpus": "0123456789abcdef"}))
+    plans = [{"name": "hybrid_r1", "corpus": first["fingerprint"]}]
+    with pytest.raises(RuntimeError, match="another corpus"):
+        L.check_finished_rungs(plans, out)
+    L.check_finished_rungs([{"name": "hybrid_r1", "corpus": "0123456789abcdef"}], out)
