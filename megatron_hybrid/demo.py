@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=4096, help="tokenizer pieces")
     a = p.parse_args(argv)
 
-    from megatron_hybrid.data.demo_corpus import build_stdlib_corpus
-    from megatron_hybrid.data.preprocess import preprocess
+    from megatron_hybrid.data.demo_corpus import build_stdlib_corpus, tokenize_corpus
     from megatron_hybrid.data.tokenizer_training import train_sentencepiece
 
     os.makedirs(a.out, exist_ok=True)
@@ -63,15 +62,7 @@ def main(argv=None) -> int:
     )
     tok_model = train_sentencepiece([corpus], os.path.join(a.out, "tokenizer"), vocab_size=a.vocab)
     print(f"[demo] tokenizer: {tok_model}")
-    summary = preprocess(
-        [corpus],
-        os.path.join(a.out, "stdlib"),
-        "SentencePieceTokenizer",
-        tok_model,
-        workers=max(1, min(4, os.cpu_count() or 1)),
-        append_eod=True,
-        progress=False,
-    )
+    summary = tokenize_corpus(corpus, os.path.join(a.out, "stdlib"), tok_model, max_workers=4)
     print(f"[demo] preprocessed: {summary.documents} documents, {summary.tokens:,} tokens")
     prefix = summary.outputs[0]
 

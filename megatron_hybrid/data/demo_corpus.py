@@ -51,3 +51,19 @@ def build_stdlib_corpus(
     if docs == 0:
         raise RuntimeError(f"no Python sources found under {root}")
     return {"documents": docs, "bytes": written, "root": root}
+
+
+def tokenize_corpus(jsonl: str, output_prefix: str, tokenizer_model: str, max_workers: int):
+    """The corpus as megatron's indexed dataset (sentencepiece, EOD after each file), with our
+    preprocessing; returns its PreprocessSummary (``outputs[0]`` is the data prefix)."""
+    from megatron_hybrid.data.preprocess import preprocess
+
+    return preprocess(
+        [jsonl],
+        output_prefix,
+        "SentencePieceTokenizer",
+        tokenizer_model,
+        workers=max(1, min(max_workers, os.cpu_count() or 1)),
+        append_eod=True,
+        progress=False,
+    )

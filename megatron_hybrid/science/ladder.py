@@ -278,8 +278,7 @@ def prepare_demo_corpus(out: str, max_mb: float, vocab: int, site_packages: bool
     recorded fingerprint, else this stops (rungs on different data do not compare)."""
     import fcntl
 
-    from megatron_hybrid.data.demo_corpus import build_stdlib_corpus
-    from megatron_hybrid.data.preprocess import preprocess
+    from megatron_hybrid.data.demo_corpus import build_stdlib_corpus, tokenize_corpus
     from megatron_hybrid.data.tokenizer_training import train_sentencepiece
 
     cdir = os.path.join(out, "corpus")
@@ -305,15 +304,7 @@ def prepare_demo_corpus(out: str, max_mb: float, vocab: int, site_packages: bool
             log(f"[ladder] tokenizer: {tok} (kept, not retrained)")
         else:
             tok = train_sentencepiece([jsonl], os.path.join(cdir, "tokenizer"), vocab_size=vocab)
-        summary = preprocess(
-            [jsonl],
-            os.path.join(cdir, "corpus"),
-            "SentencePieceTokenizer",
-            tok,
-            workers=max(1, min(16, os.cpu_count() or 1)),
-            append_eod=True,
-            progress=False,
-        )
+        summary = tokenize_corpus(jsonl, os.path.join(cdir, "corpus"), tok, max_workers=16)
         log(f"[ladder] preprocessed: {summary.documents} documents, {summary.tokens:,} tokens")
         meta = {
             "prefix": summary.outputs[0],
