@@ -103,16 +103,20 @@ def initialize(layout: ParallelLayout = ParallelLayout(), seed: int = 1234) -> N
             local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        defaults = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1"}
         if "MASTER_PORT" not in os.environ:
             # A plain single-process run: any free port (several may run on one machine).
             import socket
 
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-        rank = int(os.environ.setdefault("RANK", "0"))
-        world = int(os.environ.setdefault("WORLD_SIZE", "1"))
+                defaults["MASTER_PORT"] = str(sock.getsockname()[1])
+        for key, value in defaults.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _ENV_SET_HERE.append(key)
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
         backend = _backend(cpu)
         if not cpu:
             torch.cuda.set_device(_local_device(backend))
@@ -136,11 +140,21 @@ def set_seed(seed: int) -> None:
     mcore.tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+_ENV_SET_HERE: list[str] = []
+"""Rendezvous variables ``initialize`` put into os.environ itself (a 1-rank run's defaults)."""
+
+
 def destroy() -> None:
+    """Tear the process groups down and take back the rendezvous variables ``initialize`` set:
+    left behind, MASTER_PORT (still bound by this process's store) would be inherited by every
+    later child of an in-process run (a test, the expressivity grid's in-process mode) and
+    make its rendezvous fail with EADDRINUSE, as a full test run showed on 2026-12-06."""
     if mcore.parallel_state.model_parallel_is_initialized():
         mcore.parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    while _ENV_SET_HERE:
+        os.environ.pop(_ENV_SET_HERE.pop(), None)
 
 
 def process_groups():

@@ -80,3 +80,31 @@ def test_built_model_matches_param_formula():
     proc = run_python(["-c", code])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "COUNT OK" in proc.stdout
+
+
+def test_destroy_takes_back_the_rendezvous_defaults_it_set():
+    """A 1-rank in-process run (tests, the expressivity grid's in-process cells) leaves no
+    MASTER_PORT behind: children started afterwards with this environment rendezvous on their
+    own port, and a second initialize in the same process works."""
+    code = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        from megatron_hybrid.parallel import state
+        state.initialize()
+        assert "MASTER_PORT" in os.environ
+        state.destroy()
+        assert not {"MASTER_PORT", "RANK", "WORLD_SIZE"} & set(os.environ), os.environ
+        child = subprocess.run([sys.executable, "-c",
+            "from megatron_hybrid.parallel import state; state.initialize(); state.destroy(); print('CHILD OK')"],
+            env=dict(os.environ), capture_output=True, text=True)
+        assert child.returncode == 0 and "CHILD OK" in child.stdout, child.stderr[-2000:]
+        state.initialize(); state.destroy()
+        os.environ["MASTER_PORT"] = "12399"  # a launcher's value is the launcher's: kept
+        state.initialize(); state.destroy()
+        assert os.environ["MASTER_PORT"] == "12399"
+        print("ENV OK")
+        """
+    )
+    proc = run_python(["-c", code])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "ENV OK" in proc.stdout
