@@ -147,8 +147,8 @@ _ENV_SET_HERE: list[str] = []
 def destroy() -> None:
     """Tear the process groups down and take back the rendezvous variables ``initialize`` set:
     left behind, MASTER_PORT (still bound by this process's store) would be inherited by every
-    later child of an in-process run (a test, the expressivity grid's in-process mode) and
-    make its rendezvous fail with EADDRINUSE, as a full test run showed on 2026-12-06."""
+    later child of an in-process run (e.g. a test's subprocess or sbatch job) and make its
+    rendezvous fail with EADDRINUSE, as a full test run showed on 2026-12-06."""
     if mcore.parallel_state.model_parallel_is_initialized():
         mcore.parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
