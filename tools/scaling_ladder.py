@@ -149,19 +149,17 @@ def main(argv=None) -> int:
         if os.path.isfile(a.data_path + ".idx") and os.path.isfile(a.data_path + ".bin"):
             data["fingerprint"] = L.corpus_fingerprint(data)
     else:
-        try:
+        data = None
+    try:  # refused: a rebuilt corpus that is not the recorded one, rungs of another corpus
+        if data is None:
             data = L.prepare_demo_corpus(
                 a.out,
                 a.corpus_mb or (0.3 if a.toy else 400.0),
                 a.vocab or (512 if a.toy else 8192),
                 site_packages=not (a.toy or a.stdlib_only),
             )
-        except RuntimeError as e:  # a rebuilt corpus that is not the recorded one
-            print(f"[ladder] error: {e}", file=sys.stderr)
-            return 2
-    data["split"] = "90,10,0" if a.toy and not a.data_path else a.split
-    plans = [L.rung_plan(cfg, r, data, a.out) for r in cfg.rungs()]
-    try:
+        data["split"] = "90,10,0" if a.toy and not a.data_path else a.split
+        plans = [L.rung_plan(cfg, r, data, a.out) for r in cfg.rungs()]
         L.check_finished_rungs(plans, a.out)
     except RuntimeError as e:
         print(f"[ladder] error: {e}", file=sys.stderr)
