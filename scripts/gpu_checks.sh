@@ -189,19 +189,30 @@ python3 tools/expressivity.py --out runs/expressivity --device cuda --jobs 12 --
 echo "expressivity rc=$?"
 tar czf "$OUT/expressivity.tgz" --exclude='*.ckpt' runs/expressivity  # one file: $OUT returns few
 fi
+# OVERLAP=1 runs the expressivity steps below in the background while the ladder trains: their
+# tiny cells leave the GPU mostly idle (each console goes to runs/<step>.console, shown at the end)
+bg_pids=()
+science_step() {  # science_step NAME OUT_DIR ARGS...: one expressivity run, then its tarball
+  local name=$1 out=$2; shift 2
+  python3 tools/expressivity.py --out "$out" --device cuda --jobs 12 \
+    --time-limit ${SCIENCE_LIMIT:-420} "$@"
+  echo "$name rc=$?"
+  tar czf "$OUT/$(basename "$out").tgz" --exclude='*.ckpt' "$out"  # one file: $OUT returns few
+}
+maybe_bg() {  # maybe_bg NAME ARGS...: run science_step now, or in the background with OVERLAP=1
+  if [ -n "${OVERLAP:-}" ]; then
+    mkdir -p runs; science_step "$@" > "runs/$1.console" 2>&1 & bg_pids+=($!)
+  else
+    science_step "$@"
+  fi
+}
 if want mqarlong; then
 echo "== 8c. the transformer on MQAR with 4x the budget (it sat on a plateau at 1500 steps)"
-python3 tools/expressivity.py --out runs/expressivity_mqar6k --device cuda --jobs 12 \
-  --time-limit ${SCIENCE_LIMIT:-420} --tasks mqar --archs transformer hybrid_beta02 --train-iters 6000
-echo "expressivity rc=$?"
-tar czf "$OUT/expressivity_mqar6k.tgz" --exclude='*.ckpt' runs/expressivity_mqar6k
+maybe_bg mqarlong runs/expressivity_mqar6k --tasks mqar --archs transformer hybrid_beta02 --train-iters 6000
 fi
 if want recall; then
 echo "== 8b. state-based recall, 6000 steps (rerun until it exits 0)"
-python3 tools/expressivity.py --out runs/expressivity_recall --device cuda --jobs 12 \
-  --time-limit ${SCIENCE_LIMIT:-420} --tasks state_recall --train-iters 6000
-echo "expressivity rc=$?"
-tar czf "$OUT/expressivity_recall.tgz" --exclude='*.ckpt' runs/expressivity_recall  # one file: $OUT returns few
+maybe_bg recall runs/expressivity_recall --tasks state_recall --train-iters 6000
 fi
 if want ladder; then
 echo "== 9. scaling ladder, one GPU (rerun until it exits 0; exit 4 = work left)"
@@ -215,3 +226,7 @@ echo "ladder rc=$?"
 ( cd runs/ladder && tar czf "$OUT/ladder.tgz" corpus/corpus.json corpus/tokenizer.model \
     corpus/tokenizer.vocab $(ls rungs/*.json rungs/*.log rungs/*.stdout scaling_ladder.* 2>/dev/null) )
 fi
+for pid in "${bg_pids[@]}"; do wait "$pid"; done
+for f in runs/mqarlong.console runs/recall.console; do
+  [ -n "${OVERLAP:-}" ] && [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }
+done
