@@ -219,9 +219,11 @@ echo "== 9. scaling ladder, one GPU (rerun until it exits 0; exit 4 = work left)
 # stopped rungs resume from their checkpoints while the machine stays warm. For a later sitting
 # (a fresh machine) unpack ladder.tgz here and carry runs/ladder: the finished rungs are
 # skipped, and the corpus is rebuilt with the carried tokenizer and checked against its
-# recorded fingerprint (science/ladder.py)
+# recorded fingerprint (science/ladder.py). A rung's checkpoints (~0.5 GB) cannot leave the
+# machine, so a sitting should finish the rungs it starts: LADDER_ONLY=transformer_r4,hybrid_r4
 python3 tools/scaling_ladder.py --out runs/ladder --sizes ${LADDER_SIZES:-256x4,384x8,512x8,640x8} \
-  --tokens-per-param 5 --time-limit ${LADDER_LIMIT:-420} --jobs ${LADDER_JOBS:-4} ${LADDER_ARGS:-}
+  --tokens-per-param 5 --time-limit ${LADDER_LIMIT:-420} --jobs ${LADDER_JOBS:-4} \
+  ${LADDER_ONLY:+--only $LADDER_ONLY} ${LADDER_ARGS:-}
 echo "ladder rc=$?"
 ( cd runs/ladder && tar czf "$OUT/ladder.tgz" corpus/corpus.json corpus/tokenizer.model \
     corpus/tokenizer.vocab $(ls rungs/*.json rungs/*.log rungs/*.stdout scaling_ladder.* 2>/dev/null) )

@@ -13,7 +13,8 @@ Without --data-path the corpus is built once under <out>/corpus from this machin
 sources (stdlib + installed packages; see megatron_hybrid/demo.py). Each rung checkpoints into
 <out>/rungs/<rung>/ and resumes there; finished rungs are skipped. One rung per Slurm array
 task: --rung INDEX (examples/slurm/scaling_ladder.sbatch), then --report-only.
-Writes <out>/scaling_ladder.md, .json and .png. Exit status 4: rungs still pending.
+Writes <out>/scaling_ladder.md, .json and .png. Exit status 4: rungs still pending (of --only's,
+when given).
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def main(argv=None) -> int:
         help="run only this rung (index into the plan, or name like hybrid_r3)",
     )
     p.add_argument(
+        "--only",
+        default=None,
+        help="train only these rungs (comma-separated names or indices), e.g. the ones that fit "
+        "one GPU sitting; the report still fits every finished rung",
+    )
+    p.add_argument(
         "--report-only", action="store_true", help="no training: fit and report the finished rungs"
     )
     p.add_argument(
@@ -164,6 +171,22 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"[ladder] error: {e}", file=sys.stderr)
         return 2
+    selected = plans
+    if a.only:
+        wanted = [w for w in a.only.split(",") if w]
+        known = {str(i) for i in range(len(plans))} | {pl["name"] for pl in plans}
+        if not wanted or set(wanted) - known:
+            p.error(
+                f"--only {a.only}: no such rung {sorted(set(wanted) - known)} "
+                f"(0..{len(plans) - 1} or {', '.join(pl['name'] for pl in plans)})"
+            )
+        selected = [pl for i, pl in enumerate(plans) if str(i) in wanted or pl["name"] in wanted]
+
+    def selected_pending() -> bool:
+        return any(
+            not os.path.isfile(os.path.join(a.out, "rungs", pl["name"] + ".json"))
+            for pl in selected
+        )
 
     if a.plan:
         total = 0.0
@@ -195,15 +218,15 @@ def main(argv=None) -> int:
 
     watch_signals()
     if not a.report_only and a.jobs > 1 and a.rung is None:
-        failed = run_parallel(plans, a.out, raw_argv, a.jobs, deadline, stop)
-        doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
+        failed = run_parallel(selected, a.out, raw_argv, a.jobs, deadline, stop)
+        L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
         print(open(os.path.join(a.out, "scaling_ladder.md")).read())
         if failed:
             print(f"[ladder] failed: {', '.join(failed)} (their logs: rungs/<name>.stdout)")
             return 1
-        return 4 if doc["pending"] else 0
+        return 4 if selected_pending() else 0
     if not a.report_only:
-        todo = plans
+        todo = selected
         if a.rung is not None:
             todo = [pl for i, pl in enumerate(plans) if a.rung in (str(i), pl["name"])]
             if not todo:
@@ -236,21 +259,23 @@ def main(argv=None) -> int:
             return 0 if done else 4
     doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
     print(open(os.path.join(a.out, "scaling_ladder.md")).read())
-    return 4 if doc["pending"] else 0
+    if a.report_only:
+        return 4 if doc["pending"] else 0
+    return 4 if selected_pending() else 0
 
 
 def _child_argv(raw: list[str], name: str, remaining: float | None) -> list[str]:
-    """This command line for one rung: without --jobs / --time-limit, with --rung NAME and the
-    time left."""
+    """This command line for one rung: without --jobs / --time-limit / --only, with --rung NAME
+    and the time left."""
     out, skip = [], False
     for arg in raw:
         if skip:
             skip = False
             continue
-        if arg in ("--jobs", "--time-limit"):
+        if arg in ("--jobs", "--time-limit", "--only"):
             skip = True
             continue
-        if arg.startswith(("--jobs=", "--time-limit=")):
+        if arg.startswith(("--jobs=", "--time-limit=", "--only=")):
             continue
         out.append(arg)
     out += ["--rung", name]

@@ -45,6 +45,9 @@ class SyntheticConfig:
     """Examples per forward pass in the accuracy evaluation (lower it for long lengths)."""
     state_recall_bits: int = 16
     """state_recall: number of bits m (fixed across lengths; the length is the swap count)."""
+    state_recall_addressed: bool = False
+    """state_recall: write each bit after its address token (``i b_i``), so the final lookup is
+    by content; False is the spec's bare ``b_0..b_{m-1}``, looked up by absolute position."""
     mqar_num_keys: int = 64
     """mqar: size of the key vocabulary (>= the largest number of pairs evaluated)."""
     mqar_num_values: int = 64
@@ -54,6 +57,7 @@ class SyntheticConfig:
         return build_task(
             self.task,
             state_recall_bits=self.state_recall_bits,
+            state_recall_addressed=self.state_recall_addressed,
             mqar_num_keys=self.mqar_num_keys,
             mqar_num_values=self.mqar_num_values,
         )

@@ -22,7 +22,10 @@ Tasks (the Olmo Hybrid paper's probes, ../shared/docs/olmo-hybrid.md):
   label (at the final ``a``) is ``bits[a]`` after the swaps. The length is n; m is fixed per
   task (pointer tokens the model never saw would make longer tests fail for another reason).
   Examples record whether ``a`` ended elsewhere than it started (``moved``): accuracy is
-  reported on those too, where recall alone cannot answer.
+  reported on those too, where recall alone cannot answer. ``addressed=True`` writes the bits
+  as ``0 b_0 1 b_1 .. m-1 b_{m-1}`` (each bit after its address, the pointer values' tokens):
+  the final lookup is then by content, as in MQAR, instead of by absolute position, which
+  neither attention with RoPE nor a recurrence reads off directly (docs/science.md, why).
 """
 
 from __future__ import annotations
@@ -165,10 +168,12 @@ class StateRecall(Task):
     subsets = ("moved",)
     NAMES = 5
 
-    def __init__(self, bits: int = 16):
+    def __init__(self, bits: int = 16, addressed: bool = False):
         if bits < self.NAMES:
             raise ValueError(f"state_recall: bits={bits} must be >= {self.NAMES} (one per pointer)")
         self.m = bits
+        self.addressed = addressed
+        self.memory_len = 2 * bits if addressed else bits
         self.pos0 = 2
         self.name0 = 2 + bits
         self.INIT, self.OPS, self.QUERY = (self.name0 + self.NAMES + i for i in range(3))
@@ -176,7 +181,7 @@ class StateRecall(Task):
         self.vocab_size = self.pad + 1
 
     def seq_len(self, length):
-        return self.m + 1 + 2 * self.NAMES + 1 + 2 * length + 2
+        return self.memory_len + 1 + 2 * self.NAMES + 1 + 2 * length + 2
 
     def check_length(self, length):
         if length < 0:
@@ -187,7 +192,11 @@ class StateRecall(Task):
         bits = rng.integers(0, 2, self.m)
         pointers = rng.choice(self.m, self.NAMES, replace=False)
         start = pointers.copy()
-        toks = [*bits, self.INIT]
+        if self.addressed:
+            toks = [t for i, b in enumerate(bits) for t in (self.pos0 + i, b)]
+        else:
+            toks = [*bits]
+        toks.append(self.INIT)
         for name in range(self.NAMES):
             toks += [self.name0 + name, self.pos0 + int(pointers[name])]
         toks.append(self.OPS)
@@ -207,8 +216,8 @@ class StateRecall(Task):
 TASK_NAMES = ("parity", "s5", "a5", "mqar", "state_recall")
 
 
-def build_task(name: str, *, state_recall_bits: int = 16, mqar_num_keys: int = 64,
-               mqar_num_values: int = 64) -> Task:  # fmt: skip
+def build_task(name: str, *, state_recall_bits: int = 16, state_recall_addressed: bool = False,
+               mqar_num_keys: int = 64, mqar_num_values: int = 64) -> Task:  # fmt: skip
     if name == "parity":
         return Parity()
     if name in ("s5", "a5"):
@@ -216,7 +225,7 @@ def build_task(name: str, *, state_recall_bits: int = 16, mqar_num_keys: int = 6
     if name == "mqar":
         return MQAR(mqar_num_keys, mqar_num_values)
     if name == "state_recall":
-        return StateRecall(state_recall_bits)
+        return StateRecall(state_recall_bits, state_recall_addressed)
     raise ValueError(f"unknown synthetic task {name!r}; choose one of {', '.join(TASK_NAMES)}")
 
 

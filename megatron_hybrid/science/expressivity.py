@@ -86,6 +86,10 @@ class GridConfig:
 # The real grid (one H200, docs/science.md): lengths trained on, then 2x, 4x, 8x longer.
 REAL_TASKS = {
     "state_recall": TaskSpec("state_recall", 16, 0, (16, 32, 64, 128), (("state_recall_bits", 16),)),
+    "state_recall_addr": TaskSpec(
+        "state_recall", 16, 0, (16, 32, 64, 128),
+        (("state_recall_bits", 16), ("state_recall_addressed", 1)),
+    ),
     "s5": TaskSpec("s5", 32, 1, (32, 64, 128, 256)),
     "a5": TaskSpec("a5", 32, 1, (32, 64, 128, 256)),
     "parity": TaskSpec("parity", 64, 1, (64, 128, 256, 512)),
@@ -96,6 +100,9 @@ DEFAULT_TASKS = ("state_recall", "s5", "parity", "mqar")
 # CPU toy (tests): tiny everything, a handful of steps.
 TOY_TASKS = {
     "state_recall": TaskSpec("state_recall", 2, 0, (2, 4), (("state_recall_bits", 6),)),
+    "state_recall_addr": TaskSpec(
+        "state_recall", 2, 0, (2, 4), (("state_recall_bits", 6), ("state_recall_addressed", 1))
+    ),
     "s5": TaskSpec("s5", 4, 1, (4, 8)),
     "a5": TaskSpec("a5", 4, 1, (4, 8)),
     "parity": TaskSpec("parity", 6, 1, (6, 12)),
@@ -402,8 +409,8 @@ def summarise(results: list[dict]) -> dict:
 
 
 def headline_metric(task: str) -> str:
-    """What the plot shows per task: state_recall on examples where the pointer moved (recall
-    alone cannot answer those), elsewhere accuracy over all answer positions."""
+    """What the plot shows per task (a generator name): state recall on examples where the
+    pointer moved (recall alone cannot answer those), elsewhere accuracy over all answers."""
     return "accuracy_moved" if task == "state_recall" else "accuracy"
 
 
@@ -439,7 +446,7 @@ def write_outputs(grid: GridConfig, results: list[dict], out: str, pending: int 
         "",
     ]
     for task, spec in grid.tasks.items():
-        metrics = ["accuracy"] + (["accuracy_moved"] if task == "state_recall" else [])
+        metrics = ["accuracy"] + (["accuracy_moved"] if spec.task == "state_recall" else [])
         for metric in metrics:
             lines += [
                 f"## {task}: {metric.replace('_', ' ')} (trained on lengths "
@@ -476,7 +483,8 @@ def plot(grid: GridConfig, summary: dict, path: str) -> None:
     tasks = list(grid.tasks)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        spec, metric = grid.tasks[task], headline_metric(task)
+        spec = grid.tasks[task]
+        metric = headline_metric(spec.task)
         for arch in grid.archs:
             xs, mean, lo, hi = [], [], [], []
             for n in spec.eval_lengths:

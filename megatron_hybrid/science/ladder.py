@@ -118,6 +118,7 @@ def rung_argv(cfg: LadderConfig, rung: Rung, data: dict, train_iters: int, save:
         "--save", save,
         "--load", save,
         "--save-interval", str(max(1, train_iters // cfg.saves_per_rung)),
+        "--keep-last-checkpoints", "1",  # a rung only ever resumes from its newest
         "--seed", str(cfg.seed),
         *model_overrides(cfg, rung),
     ]  # fmt: skip

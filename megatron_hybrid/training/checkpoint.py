@@ -490,6 +490,19 @@ def _publish(root: str, iteration: int, tmp: str, final: str, run_dict: dict) ->
     return final
 
 
+def prune_checkpoints(root: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` published ``iter_*`` directories under ``root`` (rank 0
+    only; never the one the tracker names). Returns the deleted paths."""
+    if dist.get_rank() != 0:
+        return []
+    current = latest_iteration(root)
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
+    doomed = [n for n in names[: max(0, len(names) - keep)] if n != f"iter_{current:07d}"]
+    for n in doomed:
+        shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+    return [os.path.join(root, n) for n in doomed]
+
+
 def save_checkpoint(
     root: str, iteration: int, chunks, optimizer, scheduler, run_dict: dict, train_state: dict
 ) -> str:

@@ -75,6 +75,7 @@ MEGATRON_FLAGS: dict[str, tuple[str, object]] = {
     "--no-load-optim": ("train.no_load_optim", True),
     "--finetune": ("train.finetune", True),
     "--save-interval": ("train.save_interval", int),
+    "--keep-last-checkpoints": ("train.keep_last_checkpoints", int),
     "--ckpt-format": ("train.ckpt_format", str),
     "--no-verify-checkpoint-checksums": ("train.verify_checkpoint_checksums", False),
     "--log-interval": ("train.log_interval", int),

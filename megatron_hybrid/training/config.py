@@ -193,6 +193,11 @@ class TrainConfig:
     optimizer on or off (Megatron's --no-load-optim)."""
     save_interval: int | None = None
     """Save every N steps (>= 1; and at the end when ``save`` is set)."""
+    keep_last_checkpoints: int | None = None
+    """Keep only the newest N ``iter_*`` checkpoints under ``save`` (>= 1; None keeps all).
+    Older ones are deleted after the new one is published, so a crash mid-save still leaves a
+    loadable checkpoint. Small runs with frequent saves otherwise fill the disk (a 50 M
+    parameter ladder rung saved 10 times: 6 GB)."""
     ckpt_format: str = "torch_dist"
     """megatron-core dist checkpointing format (torch_dist)."""
     verify_checkpoint_checksums: bool = True
@@ -367,6 +372,7 @@ NUMERIC_RULES: dict[str, str] = {
     "train.eval_interval": _AT_LEAST_1,
     "train.eval_iters": _AT_LEAST_1,
     "train.save_interval": _AT_LEAST_1,
+    "train.keep_last_checkpoints": _AT_LEAST_1,
     "train.max_consecutive_nan": _AT_LEAST_1,
     "train.gpu_memory_gib": _POSITIVE,
     "train.fp8_margin": _AT_LEAST_0,

@@ -431,6 +431,8 @@ class Trainer:
         )
         if self.rank == 0:
             self.log(f"saved checkpoint at iteration {self.iteration} to {path}")
+        if t.keep_last_checkpoints:
+            ckpt.prune_checkpoints(t.save, t.keep_last_checkpoints)
 
 
 def banner(tr: Trainer) -> str:

@@ -69,9 +69,17 @@ def test_mqar_answers_each_query_with_its_value():
 
 
 def _replay_state_recall(task: StateRecall, tokens) -> tuple[int, bool]:
-    """Parse ``b.. INIT a p_a .. e p_e OPS (x y)* QUERY a`` and execute it."""
-    m = task.m
-    bits = [int(b) for b in tokens[:m]]
+    """Parse ``b.. INIT a p_a .. e p_e OPS (x y)* QUERY a`` and execute it (addressed: the bits
+    as ``pos_i b_i`` pairs, read by their address tokens)."""
+    if task.addressed:
+        pairs = [(int(p) - task.pos0, int(b)) for p, b in zip(tokens[0:2 * task.m:2], tokens[1:2 * task.m:2])]  # fmt: skip
+        assert sorted(p for p, _ in pairs) == list(range(task.m))
+        memory = dict(pairs)
+        bits = [memory[i] for i in range(task.m)]
+    else:
+        bits = [int(b) for b in tokens[: task.m]]
+    assert set(bits) <= {0, 1}
+    m = task.memory_len
     assert tokens[m] == task.INIT
     ptr = {}
     for i in range(5):
@@ -91,8 +99,9 @@ def _replay_state_recall(task: StateRecall, tokens) -> tuple[int, bool]:
     return bits[ptr[0]], ptr[0] != start
 
 
-def test_state_recall_answers_the_pointer_after_the_swaps():
-    task = StateRecall(bits=8)
+@pytest.mark.parametrize("addressed", [False, True])
+def test_state_recall_answers_the_pointer_after_the_swaps(addressed):
+    task = StateRecall(bits=8, addressed=addressed)
     moved = 0
     for n in (0, 1, 6):
         for ex in _examples(task, n, n=60):

@@ -97,11 +97,18 @@ def test_toy_ladder_resumes_and_fits(tmp_path):
         assert (rungs / name / "latest_checkpointed_iteration.txt").read_text() == "4"
         assert not (rungs / f"{name}.json").exists()
     assert "Incomplete: 4 rungs pending" in (out / "scaling_ladder.md").read_text()
-    # 2) the same command without the stop resumes every rung from step 4 and finishes it,
-    #    here two rungs at a time, each in its own process (--jobs)
+    bad = run_python([*base, "--only", "hybrid_r9"], timeout=300)
+    assert bad.returncode == 2 and "no such rung ['hybrid_r9']" in bad.stderr
+    # 2) the same command without the stop resumes the rungs from step 4 and finishes them,
+    #    two at a time, each in its own process (--jobs): first the two of one sitting (--only,
+    #    by name and by index), then the rest
+    part = run_python([*base, "--jobs", "2", "--only", "transformer_r1,3"], timeout=300)
+    assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
+    assert part.stdout.count(": started (slot") == 2 and "Incomplete: 2 rungs" in part.stdout
+    assert [n for n in names if (rungs / f"{n}.json").exists()] == ["transformer_r1", "hybrid_r2"]
     second = run_python([*base, "--jobs", "2"], timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert second.stdout.count(": started (slot") == 4 and "FAILED" not in second.stdout
+    assert second.stdout.count(": started (slot") == 2 and "FAILED" not in second.stdout
     doc = json.loads((out / "scaling_ladder.json").read_text())
     assert doc["pending"] == []
     for r in doc["rungs"]:
@@ -112,6 +119,8 @@ def test_toy_ladder_resumes_and_fits(tmp_path):
         assert (rungs / r["name"] / "latest_checkpointed_iteration.txt").read_text() == str(
             r["train_iters"]
         )
+        kept = sorted(n for n in os.listdir(rungs / r["name"]) if n.startswith("iter_"))
+        assert kept == [f"iter_{r['train_iters']:07d}"]  # --keep-last-checkpoints 1
     assert set(doc["fits"]) == {"transformer", "hybrid"}
     assert doc["compute_multiplier"]["multiplier"] > 0
     assert (out / "scaling_ladder.png").stat().st_size > 0

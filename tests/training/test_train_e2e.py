@@ -80,7 +80,10 @@ def test_sigkill_and_resume_is_bitwise(reference, tmp_path):
 
 def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
     save = str(tmp_path / "ckpt")
-    args = train_cmd(*TINY_MOCK, *ITERS, "--save", save, "--load", save, "--save-interval", "2")
+    args = train_cmd(
+        *TINY_MOCK, *ITERS, "--save", save, "--load", save, "--save-interval", "2",
+        "--keep-last-checkpoints", "1",
+    )  # fmt: skip
     env_fault = dict(os.environ, MEGATRON_HYBRID_FAULT="crash_in_save:4")
     proc = subprocess.run(
         [sys.executable, *args],
@@ -101,6 +104,8 @@ def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
     assert sorted(got) == [3, 4, 5, 6]
     for it in got:
         assert got[it] == reference[it]
+    # --keep-last-checkpoints 1: each new save removed the one before, after publishing
+    assert sorted(n for n in os.listdir(save) if n.startswith("iter_")) == ["iter_0000006"]
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run():
