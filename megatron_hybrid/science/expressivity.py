@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -414,6 +415,17 @@ def headline_metric(task: str) -> str:
     return "accuracy_moved" if task == "state_recall" else "accuracy"
 
 
+def shortcut_accuracy(spec: TaskSpec) -> float | None:
+    """Accuracy of the best answer that needs no lookup at all, where a task has one worth
+    drawing: state recall answered with the majority bit of the whole memory (ties: a coin).
+    Exact, from the binomial distribution of the m bits; the same on moved examples. A model at
+    this line has learned a statistic of the context, not the pointer."""
+    if spec.task != "state_recall":
+        return None
+    m = dict(spec.options).get("state_recall_bits", 16)
+    return sum(math.comb(m, k) * max(k, m - k) for k in range(m + 1)) / (m * 2**m)
+
+
 def write_outputs(grid: GridConfig, results: list[dict], out: str, pending: int = 0) -> dict:
     summary = summarise(results)
     archs = architectures(grid.shape.depth)
@@ -466,6 +478,9 @@ def write_outputs(grid: GridConfig, results: list[dict], out: str, pending: int 
                         else "–"
                     )
                 lines.append(f"| {archs[arch].label} | " + " | ".join(cells) + " |")
+            shortcut = shortcut_accuracy(spec)
+            if shortcut is not None:
+                lines += ["", f"No-lookup shortcut (the memory's majority bit): {shortcut:.3f}."]
             lines.append("")
     with open(os.path.join(out, "expressivity.md"), "w") as f:
         f.write("\n".join(lines))
@@ -498,6 +513,9 @@ def plot(grid: GridConfig, summary: dict, path: str) -> None:
                 (line,) = ax.plot(xs, mean, marker="o", label=archs[arch].label)
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
         ax.axvline(spec.train_length, color="grey", ls=":", lw=1)
+        shortcut = shortcut_accuracy(spec)
+        if shortcut is not None:
+            ax.axhline(shortcut, color="black", ls="--", lw=1, label="majority-bit shortcut")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(spec.eval_lengths), [str(n) for n in spec.eval_lengths])
         ax.minorticks_off()
@@ -507,7 +525,14 @@ def plot(grid: GridConfig, summary: dict, path: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"accuracy (mean of {len(grid.seeds)} seeds, band min–max)")
-    axes[0][-1].legend(fontsize=8, loc="lower left")
+    for ax in axes[0]:  # the architectures' legend once; a panel's own lines in that panel
+        handles, labels = ax.get_legend_handles_labels()
+        keep = [
+            (h, lab) for h, lab in zip(handles, labels)
+            if ax is axes[0][-1] or lab not in {a.label for a in archs.values()}
+        ]  # fmt: skip
+        if keep:
+            ax.legend(*zip(*keep), fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

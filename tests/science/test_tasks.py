@@ -187,3 +187,18 @@ def test_cli_flags_reach_the_run_config():
     run.data.seq_length = 23
     with pytest.raises(ConfigError, match="use --seq-length 24"):
         run.validate(1)
+
+
+def test_state_recall_shortcut_line_is_the_majority_bit_accuracy_of_the_generator():
+    """The dashed line of the recall plot: answering the memory's majority bit (no lookup)."""
+    from megatron_hybrid.science.expressivity import REAL_TASKS, shortcut_accuracy
+
+    task, rng = StateRecall(bits=16), np.random.default_rng(0)
+    hits = []
+    for _ in range(4000):
+        ex = task.example(rng, 6)
+        ones = int(ex.tokens[:16].sum())
+        guess = int(rng.integers(0, 2)) if ones == 8 else int(ones > 8)
+        hits.append(guess == ex.labels[-1])
+    assert np.mean(hits) == pytest.approx(shortcut_accuracy(REAL_TASKS["state_recall"]), abs=0.02)
+    assert shortcut_accuracy(REAL_TASKS["parity"]) is None
