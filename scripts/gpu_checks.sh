@@ -12,7 +12,8 @@
 #      bf16 forward error table of ours and fla (benchmarks/gdn_kernels.py). fla is
 #      installed from FLA_WHEELS into its own folder for these two (the model never uses it).
 # STEPS selects (default "parity demo convert"; kernel and issue steps -- gputests fp8tests bench long fp8 fp8curves
-# science recall mqarlong ladder -- only when named); ITERS the demo's
+# science recall recalladdr mqarlong ladder -- only when named; OVERLAP=1: the expressivity
+# steps in the background beside the ladder); ITERS the demo's
 # iterations. Each kernel step fits one 10-minute device call (ktests 5-6 min on a fresh machine:
 # run it alone; kerrors ~3 min, most of it fla's first compile).
 set -uo pipefail
@@ -214,6 +215,11 @@ if want recall; then
 echo "== 8b. state-based recall, 6000 steps (rerun until it exits 0)"
 maybe_bg recall runs/expressivity_recall --tasks state_recall --train-iters 6000
 fi
+if want recalladdr; then
+echo "== 8d. state-based recall, addressed memory (i b_i pairs: the final lookup by content)"
+maybe_bg recalladdr runs/expressivity_recall_addr --tasks state_recall_addr \
+  --train-iters ${RECALL_ITERS:-6000}
+fi
 if want ladder; then
 echo "== 9. scaling ladder, one GPU (rerun until it exits 0; exit 4 = work left)"
 # stopped rungs resume from their checkpoints while the machine stays warm. For a later sitting
@@ -229,6 +235,6 @@ echo "ladder rc=$?"
     corpus/tokenizer.vocab $(ls rungs/*.json rungs/*.log rungs/*.stdout scaling_ladder.* 2>/dev/null) )
 fi
 for pid in "${bg_pids[@]}"; do wait "$pid"; done
-for f in runs/mqarlong.console runs/recall.console; do
+for f in runs/mqarlong.console runs/recall.console runs/recalladdr.console; do
   [ -n "${OVERLAP:-}" ] && [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }
 done

@@ -27,19 +27,23 @@ def train(args: list[str], nproc: int) -> tuple[dict, str]:
     return parse_losses(proc.stdout), proc.stdout
 
 
-def save_then_resume(tmp_path, layout: list[str], nproc: int, uninterrupted: dict) -> str:
-    """Train to SAVED_AT and save; resume at the same layout (saving elsewhere, so the first
-    checkpoint stays the latest of its directory); iterations after it equal ``uninterrupted``.
-    Returns the checkpoint directory."""
-    ckpt = str(tmp_path / "ckpt")
-    first, _ = train([*layout, "--exit-interval", str(SAVED_AT), "--save", ckpt], nproc)
-    assert sorted(first) == list(range(1, SAVED_AT + 1))
+def train_saving(tmp_path, layout: list[str], nproc: int) -> tuple[dict, str]:
+    """The uninterrupted run, saving at SAVED_AT on the way: its losses and that checkpoint
+    (an ``iter_N`` directory, which ``--load`` takes as it is)."""
+    ckpt = tmp_path / "ckpt"
+    losses, _ = train([*layout, "--save", str(ckpt), "--save-interval", str(SAVED_AT)], nproc)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6], losses
+    return losses, str(ckpt / f"iter_{SAVED_AT:07d}")
+
+
+def resume_exactly(tmp_path, layout: list[str], nproc: int, uninterrupted: dict, ckpt: str):
+    """Resumed at the same layout from SAVED_AT (saving elsewhere), the iterations after it equal
+    ``uninterrupted`` bitwise (which also shows saving did not disturb that run)."""
     resumed, out = train([*layout, "--load", ckpt, "--save", str(tmp_path / "again")], nproc)
     assert f"at iteration {SAVED_AT}" in out and "resumed from" in out, out[-2000:]
     assert sorted(resumed) == [4, 5, 6], resumed
     for it in resumed:
         assert resumed[it] == uninterrupted[it], (it, resumed[it], uninterrupted[it])
-    return ckpt
 
 
 def assert_continues_like(got: dict, ref: dict) -> None:
@@ -50,16 +54,16 @@ def assert_continues_like(got: dict, ref: dict) -> None:
 
 
 def test_cp2_checkpoint_resumes_exactly_and_loads_at_cp1(tmp_path):
-    uninterrupted, _ = train(CP2, nproc=2)
-    ckpt = save_then_resume(tmp_path, CP2, 2, uninterrupted)
+    uninterrupted, ckpt = train_saving(tmp_path, CP2, nproc=2)
+    resume_exactly(tmp_path, CP2, 2, uninterrupted, ckpt)
     at_cp1, out = train(["--load", ckpt], nproc=1)
     assert f"at iteration {SAVED_AT}" in out
     assert_continues_like(at_cp1, uninterrupted)
 
 
 def test_tp2_cp2_checkpoint_resumes_exactly_and_loads_at_one_rank(tmp_path):
-    uninterrupted, _ = train(TP2_CP2, nproc=4)
-    ckpt = save_then_resume(tmp_path, TP2_CP2, 4, uninterrupted)
+    uninterrupted, ckpt = train_saving(tmp_path, TP2_CP2, nproc=4)
+    resume_exactly(tmp_path, TP2_CP2, 4, uninterrupted, ckpt)
     one_rank, _ = train(["--load", ckpt], nproc=1)  # TP and CP both change
     assert_continues_like(one_rank, uninterrupted)
 
@@ -70,8 +74,8 @@ DP2_DISTOPT = ["--use-distributed-optimizer"]
 def test_dp2_distributed_optimizer_resumes_exactly_and_loads_at_one_rank(tmp_path):
     # megatron-core's torch-Adam path of the distributed optimizer (no TE/apex: CPU runs) needs
     # mcore.fix_torch_adam_distributed_optimizer to save/load at all and to resume exactly
-    uninterrupted, _ = train(DP2_DISTOPT, nproc=2)
-    ckpt = save_then_resume(tmp_path, DP2_DISTOPT, 2, uninterrupted)
+    uninterrupted, ckpt = train_saving(tmp_path, DP2_DISTOPT, nproc=2)
+    resume_exactly(tmp_path, DP2_DISTOPT, 2, uninterrupted, ckpt)
     one_rank, _ = train(["--load", ckpt, *DP2_DISTOPT], nproc=1)
     assert_continues_like(one_rank, uninterrupted)
     # the plain optimizer cannot read distributed-optimizer states: a clear refusal, and
