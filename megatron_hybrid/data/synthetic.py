@@ -48,6 +48,9 @@ class SyntheticConfig:
     state_recall_addressed: bool = False
     """state_recall: write each bit after its address token (``i b_i``), so the final lookup is
     by content; False is the spec's bare ``b_0..b_{m-1}``, looked up by absolute position."""
+    state_recall_queries: int = 1
+    """state_recall: names queried at the end, each answered (1..5; 1 = the spec's ``QUERY a``).
+    More queries give more labels per example for the same lookup machinery."""
     mqar_num_keys: int = 64
     """mqar: size of the key vocabulary (>= the largest number of pairs evaluated)."""
     mqar_num_values: int = 64
@@ -58,6 +61,7 @@ class SyntheticConfig:
             self.task,
             state_recall_bits=self.state_recall_bits,
             state_recall_addressed=self.state_recall_addressed,
+            state_recall_queries=self.state_recall_queries,
             mqar_num_keys=self.mqar_num_keys,
             mqar_num_values=self.mqar_num_values,
         )

@@ -26,6 +26,8 @@ Tasks (the Olmo Hybrid paper's probes, ../shared/docs/olmo-hybrid.md):
   as ``0 b_0 1 b_1 .. m-1 b_{m-1}`` (each bit after its address, the pointer values' tokens):
   the final lookup is then by content, as in MQAR, instead of by absolute position, which
   neither attention with RoPE nor a recurrence reads off directly (docs/science.md, why).
+  ``queries=q > 1`` ends with ``QUERY x_1..x_q`` (q distinct names in random order), each
+  answered with its bit: q labels per example instead of one; ``moved`` is then per answer.
 """
 
 from __future__ import annotations
@@ -168,9 +170,12 @@ class StateRecall(Task):
     subsets = ("moved",)
     NAMES = 5
 
-    def __init__(self, bits: int = 16, addressed: bool = False):
+    def __init__(self, bits: int = 16, addressed: bool = False, queries: int = 1):
         if bits < self.NAMES:
             raise ValueError(f"state_recall: bits={bits} must be >= {self.NAMES} (one per pointer)")
+        if not 1 <= queries <= self.NAMES:
+            raise ValueError(f"state_recall: queries={queries} must be in 1..{self.NAMES}")
+        self.queries = queries
         self.m = bits
         self.addressed = addressed
         self.memory_len = 2 * bits if addressed else bits
@@ -181,7 +186,7 @@ class StateRecall(Task):
         self.vocab_size = self.pad + 1
 
     def seq_len(self, length):
-        return self.memory_len + 1 + 2 * self.NAMES + 1 + 2 * length + 2
+        return self.memory_len + 1 + 2 * self.NAMES + 1 + 2 * length + 1 + self.queries
 
     def check_length(self, length):
         if length < 0:
@@ -204,20 +209,25 @@ class StateRecall(Task):
             x, y = rng.choice(self.NAMES, 2, replace=False)
             pointers[[x, y]] = pointers[[y, x]]
             toks += [self.name0 + int(x), self.name0 + int(y)]
-        toks += [self.QUERY, self.name0]
+        # the spec's single query is always a; several are distinct names in random order
+        asked = [0] if self.queries == 1 else rng.permutation(self.NAMES)[: self.queries]
+        toks += [self.QUERY, *(self.name0 + int(x) for x in asked)]
         tokens = np.array(toks, dtype=np.int64)
         labels = np.full(len(tokens), self.pad, dtype=np.int64)
-        labels[-1] = bits[pointers[0]]
         mask = np.zeros(len(tokens), np.float32)
-        mask[-1] = 1
-        return Example(tokens, labels, mask, {"moved": bool(pointers[0] != start[0])})
+        moved = np.zeros(len(tokens), bool)
+        for i, x in enumerate(asked, start=len(tokens) - len(asked)):
+            labels[i], mask[i], moved[i] = bits[pointers[x]], 1, pointers[x] != start[x]
+        flag = bool(moved[-1]) if self.queries == 1 else moved
+        return Example(tokens, labels, mask, {"moved": flag})
 
 
 TASK_NAMES = ("parity", "s5", "a5", "mqar", "state_recall")
 
 
 def build_task(name: str, *, state_recall_bits: int = 16, state_recall_addressed: bool = False,
-               mqar_num_keys: int = 64, mqar_num_values: int = 64) -> Task:  # fmt: skip
+               state_recall_queries: int = 1, mqar_num_keys: int = 64,
+               mqar_num_values: int = 64) -> Task:  # fmt: skip
     if name == "parity":
         return Parity()
     if name in ("s5", "a5"):
@@ -225,7 +235,7 @@ def build_task(name: str, *, state_recall_bits: int = 16, state_recall_addressed
     if name == "mqar":
         return MQAR(mqar_num_keys, mqar_num_values)
     if name == "state_recall":
-        return StateRecall(state_recall_bits, state_recall_addressed)
+        return StateRecall(state_recall_bits, state_recall_addressed, state_recall_queries)
     raise ValueError(f"unknown synthetic task {name!r}; choose one of {', '.join(TASK_NAMES)}")
 
 

@@ -19,8 +19,10 @@ from megatron_hybrid.data.synthetic_tasks import TEST_STREAM, Task, example_rng,
 
 
 def score(preds, labels, mask, flags: dict[str, np.ndarray] | None = None) -> dict:
-    """preds, labels [N, L] ints, mask [N, L] (answer positions nonzero), flags name -> bool [N].
-    Examples without any answer position count as right in seq_accuracy."""
+    """preds, labels [N, L] ints, mask [N, L] (answer positions nonzero), flags name -> bool [N]
+    (examples in the subset) or bool [N, L] (answer positions in it: tasks with several answers
+    of different kinds per example). Examples without any answer position count as right in
+    seq_accuracy."""
     preds, labels = np.asarray(preds), np.asarray(labels)
     mask = np.asarray(mask) != 0
     right = (preds == labels) & mask
@@ -34,9 +36,20 @@ def score(preds, labels, mask, flags: dict[str, np.ndarray] | None = None) -> di
     }
     for name, sel in (flags or {}).items():
         sel = np.asarray(sel, dtype=bool)
-        n = int(per_example_answers[sel].sum())
-        out[f"accuracy_{name}"] = float(per_example_right[sel].sum() / n) if n else None
-        out[f"examples_{name}"] = int(sel.sum())
+        if sel.ndim == 2:  # per answer position
+            n, hits, examples = (
+                int((mask & sel).sum()),
+                int((right & sel).sum()),
+                (mask & sel).any(1),
+            )
+        else:
+            n, hits, examples = (
+                int(per_example_answers[sel].sum()),
+                per_example_right[sel].sum(),
+                sel,
+            )
+        out[f"accuracy_{name}"] = float(hits / n) if n else None
+        out[f"examples_{name}"] = int(examples.sum())
     return out
 
 

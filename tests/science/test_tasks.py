@@ -68,9 +68,9 @@ def test_mqar_answers_each_query_with_its_value():
         task.example(np.random.default_rng(0), 33)
 
 
-def _replay_state_recall(task: StateRecall, tokens) -> tuple[int, bool]:
-    """Parse ``b.. INIT a p_a .. e p_e OPS (x y)* QUERY a`` and execute it (addressed: the bits
-    as ``pos_i b_i`` pairs, read by their address tokens)."""
+def _replay_state_recall(task: StateRecall, tokens) -> list[tuple[int, bool]]:
+    """Parse ``b.. INIT a p_a .. e p_e OPS (x y)* QUERY x..`` and execute it (addressed: the bits
+    as ``pos_i b_i`` pairs, read by their address tokens): (answer, moved) per query."""
     if task.addressed:
         pairs = [(int(p) - task.pos0, int(b)) for p, b in zip(tokens[0:2 * task.m:2], tokens[1:2 * task.m:2])]  # fmt: skip
         assert sorted(p for p, _ in pairs) == list(range(task.m))
@@ -86,7 +86,7 @@ def _replay_state_recall(task: StateRecall, tokens) -> tuple[int, bool]:
         name, pos = tokens[m + 1 + 2 * i], tokens[m + 2 + 2 * i]
         ptr[int(name) - task.name0] = int(pos) - task.pos0
     assert sorted(ptr) == [0, 1, 2, 3, 4] and len(set(ptr.values())) == 5
-    start = ptr[0]
+    start = dict(ptr)
     i = m + 11
     assert tokens[i] == task.OPS
     i += 1
@@ -95,23 +95,33 @@ def _replay_state_recall(task: StateRecall, tokens) -> tuple[int, bool]:
         assert x != y
         ptr[x], ptr[y] = ptr[y], ptr[x]
         i += 2
-    assert tokens[i + 1] == task.name0 and i + 2 == len(tokens)
-    return bits[ptr[0]], ptr[0] != start
+    asked = [int(t) - task.name0 for t in tokens[i + 1 :]]
+    assert len(asked) == task.queries and len(set(asked)) == task.queries
+    assert task.queries > 1 or asked == [0]  # the spec's single query is a
+    return [(bits[ptr[x]], ptr[x] != start[x]) for x in asked]
 
 
-@pytest.mark.parametrize("addressed", [False, True])
-def test_state_recall_answers_the_pointer_after_the_swaps(addressed):
-    task = StateRecall(bits=8, addressed=addressed)
+@pytest.mark.parametrize("addressed, queries", [(False, 1), (True, 1), (True, 5)])
+def test_state_recall_answers_the_pointer_after_the_swaps(addressed, queries):
+    task = StateRecall(bits=8, addressed=addressed, queries=queries)
     moved = 0
     for n in (0, 1, 6):
         for ex in _examples(task, n, n=60):
             assert len(ex.tokens) == task.seq_len(n)
-            answer, was_moved = _replay_state_recall(task, ex.tokens)
-            assert ex.labels[-1] == answer and ex.loss_mask.sum() == 1 and ex.loss_mask[-1] == 1
-            assert ex.flags["moved"] == was_moved
-            moved += was_moved
-            assert n > 0 or not was_moved
-    assert 30 < moved < 120  # both kinds occur
+            answers = _replay_state_recall(task, ex.tokens)
+            q = slice(len(ex.tokens) - queries, None)
+            assert ex.loss_mask.sum() == queries and ex.loss_mask[q].all()
+            assert ex.labels[q].tolist() == [a for a, _ in answers]
+            flag = ex.flags["moved"]
+            if queries == 1:
+                assert flag == answers[0][1]
+            else:  # per answer position
+                assert flag.tolist() == [False] * (len(ex.tokens) - queries) + [
+                    m for _, m in answers
+                ]
+            moved += sum(m for _, m in answers)
+            assert n > 0 or not any(m for _, m in answers)
+    assert 30 * queries < moved < 120 * queries  # both kinds occur
     assert max(t for ex in _examples(task, 6) for t in ex.tokens) < task.vocab_size - 1
 
 
@@ -155,6 +165,11 @@ def test_score_on_known_answers():
     assert m["accuracy_moved"] == pytest.approx(2 / 3) and m["examples_moved"] == 2
     assert m["answers"] == 7 and m["examples"] == 3
     assert score(preds, labels, mask, {"moved": np.zeros(3, bool)})["accuracy_moved"] is None
+    # per answer position: ex0's second answer (wrong) and ex2's first (right) -> 1 of 2
+    per_pos = np.zeros((3, 4), bool)
+    per_pos[0, 3] = per_pos[2, 0] = per_pos[1, 0] = True  # ex1 pos 0 is no answer: ignored
+    m = score(preds, labels, mask, {"moved": per_pos})
+    assert m["accuracy_moved"] == pytest.approx(1 / 2) and m["examples_moved"] == 2
 
 
 def test_cli_flags_reach_the_run_config():
