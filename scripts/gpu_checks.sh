@@ -192,7 +192,13 @@ tar czf "$OUT/expressivity.tgz" --exclude='*.ckpt' runs/expressivity  # one file
 fi
 # OVERLAP=1 runs the expressivity steps below in the background while the ladder trains: their
 # tiny cells leave the GPU mostly idle (each console goes to runs/<step>.console, shown at the end)
-bg_pids=()
+bg_pids=(); bg_names=()
+LADDER=(python3 tools/scaling_ladder.py --out runs/ladder --sizes ${LADDER_SIZES:-256x4,384x8,512x8,640x8}
+        --tokens-per-param 5)
+if want ladder && [ -n "${OVERLAP:-}" ]; then
+  # the corpus first, with every CPU (beside 12 cells it took 4.5 min on a fresh machine)
+  "${LADDER[@]}" --plan 2>&1 | grep -v Warn | tail -12
+fi
 science_step() {  # science_step NAME OUT_DIR ARGS...: one expressivity run, then its tarball
   local name=$1 out=$2; shift 2
   python3 tools/expressivity.py --out "$out" --device cuda --jobs 12 \
@@ -202,7 +208,7 @@ science_step() {  # science_step NAME OUT_DIR ARGS...: one expressivity run, the
 }
 maybe_bg() {  # maybe_bg NAME ARGS...: run science_step now, or in the background with OVERLAP=1
   if [ -n "${OVERLAP:-}" ]; then
-    mkdir -p runs; science_step "$@" > "runs/$1.console" 2>&1 & bg_pids+=($!)
+    mkdir -p runs; science_step "$@" > "runs/$1.console" 2>&1 & bg_pids+=($!); bg_names+=("$1")
   else
     science_step "$@"
   fi
@@ -227,14 +233,11 @@ echo "== 9. scaling ladder, one GPU (rerun until it exits 0; exit 4 = work left)
 # skipped, and the corpus is rebuilt with the carried tokenizer and checked against its
 # recorded fingerprint (science/ladder.py). A rung's checkpoints (~0.5 GB) cannot leave the
 # machine, so a sitting should finish the rungs it starts: LADDER_ONLY=transformer_r4,hybrid_r4
-python3 tools/scaling_ladder.py --out runs/ladder --sizes ${LADDER_SIZES:-256x4,384x8,512x8,640x8} \
-  --tokens-per-param 5 --time-limit ${LADDER_LIMIT:-420} --jobs ${LADDER_JOBS:-4} \
+"${LADDER[@]}" --time-limit ${LADDER_LIMIT:-420} --jobs ${LADDER_JOBS:-4} \
   ${LADDER_ONLY:+--only $LADDER_ONLY} ${LADDER_ARGS:-}
 echo "ladder rc=$?"
 ( cd runs/ladder && tar czf "$OUT/ladder.tgz" corpus/corpus.json corpus/tokenizer.model \
     corpus/tokenizer.vocab $(ls rungs/*.json rungs/*.log rungs/*.stdout scaling_ladder.* 2>/dev/null) )
 fi
 for pid in "${bg_pids[@]}"; do wait "$pid"; done
-for f in runs/mqarlong.console runs/recall.console runs/recalladdr.console; do
-  [ -n "${OVERLAP:-}" ] && [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }
-done
+for name in "${bg_names[@]}"; do echo "== runs/$name.console"; tail -30 "runs/$name.console"; done
