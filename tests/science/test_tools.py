@@ -146,6 +146,26 @@ def test_grid_precision_reaches_the_trainer():
         assert run.train.precision == precision
 
 
+def test_addressed_recall_grid_task_reaches_the_trainer():
+    """state_recall_addr: the spec's generator with an addressed memory and five queries, at a
+    sequence length that holds its longest training example."""
+    from megatron_hybrid.science import expressivity as ex
+    from megatron_hybrid.training.cli import parse
+
+    spec = ex.REAL_TASKS["state_recall_addr"]
+    grid = ex.GridConfig(tasks={"state_recall_addr": spec}, archs=["transformer"], seeds=[1])
+    (cell,) = ex.plan(grid)
+    run, _ = parse(cell["argv"])
+    syn = run.synthetic
+    assert (syn.task, syn.state_recall_addressed, syn.state_recall_queries) == (
+        "state_recall",
+        True,
+        5,
+    )
+    assert run.data.seq_length == syn.build().seq_len(16) == 32 + 12 + 32 + 6
+    assert cell["name"] == "state_recall_addr__transformer__s1"
+
+
 def test_cell_stopped_by_the_time_limit_resumes_to_the_same_result(tmp_path):
     """A cell stopped at the grid's time limit saves and, run again, resumes from its
     checkpoint and ends with exactly the result of an uninterrupted run (CPU training is
