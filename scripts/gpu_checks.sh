@@ -195,6 +195,9 @@ fi
 bg_pids=(); bg_names=()
 LADDER=(python3 tools/scaling_ladder.py --out runs/ladder --sizes ${LADDER_SIZES:-256x4,384x8,512x8,640x8}
         --tokens-per-param 5)
+if want ladder && [ ! -d runs/ladder ]; then  # a fresh machine: what earlier sittings finished
+  mkdir -p runs && cp -r docs/science/ladder_h100 runs/ladder
+fi
 if want ladder && [ -n "${OVERLAP:-}" ]; then
   # the corpus first, with every CPU (beside 12 cells it took 4.5 min on a fresh machine)
   "${LADDER[@]}" --plan 2>&1 | grep -v Warn | tail -12
