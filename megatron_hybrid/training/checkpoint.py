@@ -496,7 +496,7 @@ def prune_checkpoints(root: str, keep: int) -> list[str]:
     if dist.get_rank() != 0:
         return []
     current = latest_iteration(root)
-    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"iter_\d{7}", n))
+    names = sorted(n for n in os.listdir(root) if _ITER_DIR.fullmatch(n))
     doomed = [n for n in names[: max(0, len(names) - keep)] if n != f"iter_{current:07d}"]
     for n in doomed:
         shutil.rmtree(os.path.join(root, n), ignore_errors=True)
