@@ -31,7 +31,7 @@ from megatron_hybrid.training.faults import fault_iterations as _fault_iteration
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
 from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
 from megatron_hybrid.training.loss import masked_lm_head_loss, masked_lm_loss
-from megatron_hybrid.training.metrics import Sinks, iteration_line
+from megatron_hybrid.training.metrics import IntervalMeter, Sinks, iteration_line
 from megatron_hybrid.training.model_setup import (
     build_model_chunks,
     build_optimizer,
@@ -318,7 +318,7 @@ class Trainer:
         run, t = self.run, self.run.train
         if self.rank == 0:
             self.log(banner(self))
-        last_log = time.time()
+        meter = IntervalMeter(self.iteration)
         for m in self.chunks:
             m.train()
         while self.iteration < t.train_iters:
@@ -332,11 +332,15 @@ class Trainer:
                 self.skipped += 1
                 self.nan_total += 1
                 self.nan_consecutive += 1
-            lm_loss = sums[0].item() / max(sums[2].item(), 1.0)
+            n_tokens = max(sums[2].item(), 1.0)
+            step_losses = {
+                "lm loss": sums[0].item() / n_tokens,
+                "z loss": sums[1].item() / n_tokens,
+            }
+            meter.add(step_losses, applied=ok)
             if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
-                now = time.time()
-                dt = (now - last_log) / t.log_interval
-                last_log = now
+                dt, losses = meter.take(self.iteration, step_losses)
+                lm_loss = losses["lm loss"]
                 tok_s_gpu = gbs * run.data.seq_length / dt / self.world
                 tflops = self.flops["total"] * tok_s_gpu / 1e12
                 mfu = 100.0 * tflops / self.peak if self.peak else None
@@ -348,10 +352,7 @@ class Trainer:
                     tflops=tflops,
                     lr=lr,
                     global_batch=gbs,
-                    losses={
-                        "lm loss": lm_loss,
-                        "z loss": sums[1].item() / max(sums[2].item(), 1.0),
-                    },
+                    losses=losses,
                     loss_scale=1.0,
                     grad_norm=grad_norm,
                     skipped=self.skipped,
@@ -379,6 +380,7 @@ class Trainer:
                     f"stopping: {self.nan_consecutive} consecutive iterations with NaN/inf loss or "
                     f"gradients (last at iteration {self.iteration}); lower the LR or check data"
                 )
+            paused = time.monotonic()  # eval and saves are left out of the next line's timing
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 val = self.evaluate()
                 if self.rank == 0:
@@ -393,6 +395,7 @@ class Trainer:
                     self.task_metrics = trainer_report(self)
             if t.save and t.save_interval and self.iteration % t.save_interval == 0:
                 self.save()
+            meter.pause(time.monotonic() - paused)
             if t.exit_interval and self.iteration % t.exit_interval == 0:
                 if t.save and not (t.save_interval and self.iteration % t.save_interval == 0):
                     self.save()

@@ -4,6 +4,7 @@ startup banner, and TensorBoard / W&B sinks."""
 from __future__ import annotations
 
 import datetime
+import time
 
 
 def iteration_line(
@@ -40,6 +41,42 @@ def iteration_line(
     s += f" tokens per GPU (tokens/s/GPU): {tokens_per_gpu_s:.1f} |"
     s += f" MFU (%): {mfu:.1f} |" if mfu is not None else " MFU (%): n/a |"
     return s
+
+
+class IntervalMeter:
+    """What one log line reports about the steps since the previous line: seconds per step and
+    the mean losses of the steps that updated the model (Megatron averages over the interval).
+
+    The step count is what really ran since the last line, not ``--log-interval``: the first
+    line after a resume and the last line of a run cover fewer steps. Time spent in evaluation
+    and checkpoint saves is left out (``pause``), so throughput and MFU describe training."""
+
+    def __init__(self, iteration: int, clock=time.monotonic):
+        self.clock = clock
+        self.start, self.start_iter = clock(), iteration
+        self.sums: dict[str, float] = {}
+        self.counted = 0
+
+    def add(self, losses: dict, applied: bool) -> None:
+        """One finished step; a skipped (NaN/inf) step's losses are not averaged in."""
+        if applied:
+            for k, v in losses.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counted += 1
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-training work (eval, save) out of the current interval."""
+        self.start += seconds
+
+    def take(self, iteration: int, last_losses: dict) -> tuple[float, dict]:
+        """(seconds per step, mean losses) since the previous take; starts the next interval.
+        With no applied step in the interval the last step's (non-finite) losses are shown."""
+        now = self.clock()
+        steps = max(1, iteration - self.start_iter)
+        dt = max(now - self.start, 1e-9) / steps
+        means = {k: v / self.counted for k, v in self.sums.items()} if self.counted else last_losses
+        self.start, self.start_iter, self.sums, self.counted = now, iteration, {}, 0
+        return dt, means
 
 
 class Sinks:
