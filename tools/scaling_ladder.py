@@ -68,7 +68,18 @@ def main(argv=None) -> int:
     p.add_argument("--seq-length", type=int, default=None)
     p.add_argument("--global-batch-size", type=int, default=None)
     p.add_argument(
-        "--micro-batch-size", type=int, default=None, help="lower it if a rung runs out of memory"
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="default: per rung, the largest power of two up to 64 whose memory estimate fits "
+        "--rung-memory-gib (16 without a GPU); give one to fix it, lower if a rung runs out",
+    )
+    p.add_argument(
+        "--rung-memory-gib",
+        type=float,
+        default=None,
+        help="GPU memory one rung may use for the automatic micro-batch (default: the card's "
+        "memory over the rungs that share it, --jobs / GPUs)",
     )
     p.add_argument(
         "--lr-base",
@@ -144,6 +155,9 @@ def main(argv=None) -> int:
         if val is not None:
             setattr(cfg, key, val)
     cfg.archs = tuple(a.archs)
+    cfg.rung_memory_gib = a.rung_memory_gib
+    if cfg.rung_memory_gib is None and cfg.micro_batch_size is None:
+        cfg.rung_memory_gib = _rung_memory_gib(a.jobs if a.rung is None else 1)
     os.makedirs(os.path.join(a.out, "rungs"), exist_ok=True)
 
     if a.data_path:
@@ -192,14 +206,14 @@ def main(argv=None) -> int:
     if a.plan:
         total = 0.0
         print(
-            f"{'#':>2} {'rung':<15} {'params':>9} {'tokens':>10} {'steps':>7} {'FLOPs':>10} {'GPU h':>6}"
+            f"{'#':>2} {'rung':<15} {'params':>9} {'tokens':>10} {'steps':>7} {'mbs':>4} {'FLOPs':>10} {'GPU h':>6}"
         )
         for i, pl in enumerate(plans):
             hours = pl["flops"] / (a.assumed_tflops * 1e12) / 3600
             total += hours
             print(
                 f"{i:>2} {pl['name']:<15} {pl['params'] / 1e6:>8.1f}M {pl['tokens'] / 1e6:>9.1f}M "
-                f"{pl['train_iters']:>7} {pl['flops']:>10.3e} {hours:>6.2f}"
+                f"{pl['train_iters']:>7} {pl['micro_batch']:>4} {pl['flops']:>10.3e} {hours:>6.2f}"
             )
         print(f"total {total:.2f} GPU hours at {a.assumed_tflops:g} TFLOP/s achieved")
         if data.get("tokens"):
@@ -219,7 +233,11 @@ def main(argv=None) -> int:
 
     watch_signals()
     if not a.report_only and a.jobs > 1 and a.rung is None:
-        failed = run_parallel(selected, a.out, raw_argv, a.jobs, deadline, stop)
+        # the children plan with this run's per-rung memory, not a whole card each
+        child_argv = [*raw_argv, "--rung-memory-gib", f"{cfg.rung_memory_gib}"]
+        if cfg.rung_memory_gib is None:
+            child_argv = raw_argv
+        failed = run_parallel(selected, a.out, child_argv, a.jobs, deadline, stop)
         L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
         print(open(os.path.join(a.out, "scaling_ladder.md")).read())
         if failed:
@@ -263,6 +281,19 @@ def main(argv=None) -> int:
     if a.report_only:
         return 4 if doc["pending"] else 0
     return 4 if selected_pending() else 0
+
+
+def _rung_memory_gib(jobs: int) -> float | None:
+    """The visible card's memory over the rungs that share it; None without a GPU."""
+    import torch
+
+    from megatron_hybrid.training.memory import device_memory_gib
+
+    cap = device_memory_gib()
+    if cap is None:
+        return None
+    gpus = max(torch.cuda.device_count(), 1)
+    return cap / -(-jobs // gpus)
 
 
 def _child_argv(raw: list[str], name: str, remaining: float | None) -> list[str]:
