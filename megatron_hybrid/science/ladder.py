@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from megatron_hybrid.science.fit import bootstrap_multiplier, fit_power_law
+from megatron_hybrid.science.fit import bootstrap_multiplier, compute_multiplier, fit_power_law
 
 ARCH_LABELS = {"transformer": "transformer (*-)", "hybrid": "3:1 hybrid GGG* β∈(0,2)"}
 
@@ -386,12 +386,24 @@ def report(cfg: LadderConfig, plans: list[dict], out: str, bootstrap: int = 1000
         multiplier = bootstrap_multiplier(
             points["transformer"], points["hybrid"], at, n=bootstrap, seed=cfg.seed
         )
+    by_rung = []
+    if multiplier:
+        for c, loss in zip(*points["transformer"]):
+            by_rung.append(
+                {
+                    "compute": c,
+                    "loss": loss,
+                    "fitted": compute_multiplier(fits["transformer"], fits["hybrid"], c),
+                    "measured": _interpolated_multiplier(c, loss, *points["hybrid"]),
+                }
+            )
     doc = {
         "config": asdict(cfg),
         "rungs": [done.get(p["name"], {**p, "val_loss": None}) for p in plans],
         "pending": [p["name"] for p in plans if p["name"] not in done],
         "fits": {k: asdict(v) for k, v in fits.items()},
         "compute_multiplier": multiplier,
+        "multiplier_by_rung": by_rung,
     }
     with open(os.path.join(out, "scaling_ladder.json"), "w") as f:
         json.dump(doc, f, indent=1)
@@ -400,6 +412,17 @@ def report(cfg: LadderConfig, plans: list[dict], out: str, bootstrap: int = 1000
     if fits:
         plot(doc, os.path.join(out, "scaling_ladder.png"))
     return doc
+
+
+def _interpolated_multiplier(c: float, loss: float, h_compute, h_loss) -> float | None:
+    """C / the hybrid compute that reaches ``loss``, read off the hybrid's measured rungs
+    (piecewise linear in log C; no fit). None when ``loss`` is outside their range."""
+    pts = sorted(zip(h_compute, h_loss))
+    for (c0, l0), (c1, l1) in zip(pts, pts[1:]):
+        if min(l0, l1) <= loss <= max(l0, l1) and l0 != l1:
+            t = (loss - l0) / (l1 - l0)
+            return c / math.exp(math.log(c0) + t * (math.log(c1) - math.log(c0)))
+    return None
 
 
 def markdown(doc: dict) -> str:
@@ -443,7 +466,30 @@ def markdown(doc: dict) -> str:
         ]
         if any(f["params"] == 2 for f in doc["fits"].values()):
             lines.append("(Two-point fits leave no residuals: the interval is degenerate.)")
+        exact = [a for a, f in doc["fits"].items() if f["params"] == 3 and _n_points(doc, a) == 3]
+        if exact:
+            lines.append(
+                f"({', '.join(exact)}: 3 rungs for 3 parameters, the curve passes through every "
+                "point, so the interval holds only the other architecture's residuals.)"
+            )
+    if doc.get("multiplier_by_rung"):
+        lines += [
+            "",
+            "Multiplier at each transformer rung (its compute and loss): from the fits, and read "
+            "off the hybrid's measured rungs without a fit (log-linear between neighbours; "
+            "- where the loss lies outside them).",
+            "",
+            "| transformer FLOPs | its loss | fitted | measured |",
+            "|---|---|---|---|",
+        ]
+        for r in doc["multiplier_by_rung"]:
+            meas = f"{r['measured']:.2f}" if r["measured"] is not None else "-"
+            lines.append(f"| {r['compute']:.3e} | {r['loss']:.4f} | {r['fitted']:.2f} | {meas} |")
     return "\n".join(lines) + "\n"
+
+
+def _n_points(doc: dict, arch: str) -> int:
+    return sum(1 for r in doc["rungs"] if r["arch"] == arch and r.get("val_loss") is not None)
 
 
 def plot(doc: dict, path: str) -> None:

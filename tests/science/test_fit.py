@@ -44,3 +44,15 @@ def test_multiplier_of_a_law_shifted_in_compute():
     m = bootstrap_multiplier((C, base_y), (C, other_y), C[-1], n=200, seed=0)
     assert m["low"] <= m["multiplier"] <= m["high"] and m["draws"] == 200
     assert m["low"] < 1.5 < m["high"] and 1.2 < m["multiplier"] < 1.9
+
+
+def test_fit_free_multiplier_reads_a_shifted_law_off_the_measured_points():
+    from megatron_hybrid.science.ladder import _interpolated_multiplier
+
+    law = PowerLaw(a=50.0, b=0.3, e=1.5, params=3)
+    hybrid_c = np.geomspace(1e15, 1e17, 12)
+    hybrid_l = [float(law(c * 2.0)) for c in hybrid_c]  # the hybrid: half the compute, same loss
+    c = 3e16
+    got = _interpolated_multiplier(c, float(law(c)), hybrid_c, hybrid_l)
+    assert got == pytest.approx(2.0, rel=0.01)
+    assert _interpolated_multiplier(1e14, float(law(1e14)), hybrid_c, hybrid_l) is None
