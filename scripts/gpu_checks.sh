@@ -235,7 +235,8 @@ echo "== 9. scaling ladder, one GPU (rerun until it exits 0; exit 4 = work left)
 # (a fresh machine) unpack ladder.tgz here and carry runs/ladder: the finished rungs are
 # skipped, and the corpus is rebuilt with the carried tokenizer and checked against its
 # recorded fingerprint (science/ladder.py). A rung's checkpoints (~0.5 GB) cannot leave the
-# machine, so a sitting should finish the rungs it starts: LADDER_ONLY=transformer_r4,hybrid_r4
+# machine, so a sitting should finish the rungs it starts: LADDER_ONLY=hybrid_r3. The
+# micro-batch is picked per rung from the memory estimate (LADDER_ARGS="--micro-batch-size N" fixes it)
 "${LADDER[@]}" --time-limit ${LADDER_LIMIT:-420} --jobs ${LADDER_JOBS:-4} \
   ${LADDER_ONLY:+--only $LADDER_ONLY} ${LADDER_ARGS:-}
 echo "ladder rc=$?"
