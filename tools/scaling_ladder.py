@@ -40,6 +40,7 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     from megatron_hybrid.science import ladder as L
+    from megatron_hybrid.science.ladder_report import report
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="ladder directory (resumes what is there)")
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
         if cfg.rung_memory_gib is None:
             child_argv = raw_argv
         failed = run_parallel(selected, a.out, child_argv, a.jobs, deadline, stop)
-        L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
+        report(cfg, plans, a.out, bootstrap=a.bootstrap)
         print(open(os.path.join(a.out, "scaling_ladder.md")).read())
         if failed:
             print(f"[ladder] failed: {', '.join(failed)} (their logs: rungs/<name>.stdout)")
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
                 os.path.isfile(os.path.join(a.out, "rungs", pl["name"] + ".json")) for pl in todo
             )
             return 0 if done else 4
-    doc = L.report(cfg, plans, a.out, bootstrap=a.bootstrap)
+    doc = report(cfg, plans, a.out, bootstrap=a.bootstrap)
     print(open(os.path.join(a.out, "scaling_ladder.md")).read())
     if a.report_only:
         return 4 if doc["pending"] else 0

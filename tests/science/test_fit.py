@@ -47,7 +47,7 @@ def test_multiplier_of_a_law_shifted_in_compute():
 
 
 def test_fit_free_multiplier_reads_a_shifted_law_off_the_measured_points():
-    from megatron_hybrid.science.ladder import _interpolated_multiplier
+    from megatron_hybrid.science.ladder_report import _interpolated_multiplier
 
     law = PowerLaw(a=50.0, b=0.3, e=1.5, params=3)
     hybrid_c = np.geomspace(1e15, 1e17, 12)

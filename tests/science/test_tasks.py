@@ -206,7 +206,8 @@ def test_cli_flags_reach_the_run_config():
 
 def test_state_recall_shortcut_line_is_the_majority_bit_accuracy_of_the_generator():
     """The dashed line of the recall plot: answering the memory's majority bit (no lookup)."""
-    from megatron_hybrid.science.expressivity import REAL_TASKS, shortcut_accuracy
+    from megatron_hybrid.science.expressivity import REAL_TASKS
+    from megatron_hybrid.science.expressivity_report import shortcut_accuracy
 
     task, rng = StateRecall(bits=16), np.random.default_rng(0)
     hits = []
