@@ -488,3 +488,42 @@ def test_convert_to_hf_job(cluster, pretrained, tmp_path):
     assert state == "COMPLETED" and job.field("ExitCode") == "0:0", log[-4000:]
     assert "iteration latest = 6" in log and "VALIDATION OK" in log
     assert (hf / "config.json").exists()
+
+
+def test_scaling_ladder_array_trains_every_rung(cluster, tmp_path):
+    """scaling_ladder.sbatch as the array its header describes: the corpus built once by --plan,
+    one toy rung per array task, then --report-only fits what the tasks wrote."""
+    out = tmp_path / "ladder"
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    ladder = [PYTHON, "tools/scaling_ladder.py", "--out", str(out), "--toy"]
+    plan = subprocess.run(
+        [*ladder, "--plan"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    settings = {"OUT": str(out), "EXTRA_ARGS": "--toy", "PYTHON": PYTHON,
+                "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = cluster.cmd(
+        [
+            "sbatch", "--parsable", "--array=0-3", "--cpus-per-task=1", "--mem=0",
+            f"--output={tmp_path}/ladder-%A_%a.out",
+            "--export=" + ",".join(["ALL"] + [f"{k}={v}" for k, v in settings.items()]),
+            str(SLURM_DIR / "scaling_ladder.sbatch"),
+        ],
+        cwd=ROOT,
+    )  # fmt: skip
+    job_id = proc.stdout.strip().split(";")[0]
+    tasks = [Job(cluster, f"{job_id}_{i}", tmp_path / f"ladder-{job_id}_{i}.out") for i in range(4)]
+    for task in tasks:
+        state = task.wait(timeout=300)
+        assert state == "COMPLETED", task.text()[-4000:]
+        log = task.text()
+        assert f"array task {task.id.split('_')[1]}" in log and "ladder exited with 0" in log
+    names = ["transformer_r1", "transformer_r2", "hybrid_r1", "hybrid_r2"]
+    assert all((out / "rungs" / f"{n}.json").exists() for n in names)
+    report = subprocess.run(
+        [*ladder, "--report-only", "--bootstrap", "50"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    doc = json.loads((out / "scaling_ladder.json").read_text())
+    assert doc["pending"] == [] and set(doc["fits"]) == {"transformer", "hybrid"}
