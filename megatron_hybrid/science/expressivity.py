@@ -84,12 +84,12 @@ class GridConfig:
 # The real grid (one H200, docs/science.md): lengths trained on, then 2x, 4x, 8x longer.
 REAL_TASKS = {
     "state_recall": TaskSpec("state_recall", 16, 0, (16, 32, 64, 128), (("state_recall_bits", 16),)),
-    # the spec's task with an addressed memory and all five names queried, trained on 0..4
+    # the spec's task with an addressed memory and all five names queried, trained on 0..2
     # swaps (docs/science.md: the spec form stayed at its no-lookup shortcut for every
     # architecture at 6000 steps; on CPU this form was learned from 0..2 swaps in ~600 steps,
-    # not from 0..16 in 1500)
+    # not from 0..4 in 1500 nor from 0..16 in 1500)
     "state_recall_addr": TaskSpec(
-        "state_recall", 4, 0, (4, 8, 16, 32),
+        "state_recall", 2, 0, (2, 4, 8, 16),
         (("state_recall_bits", 16), ("state_recall_addressed", 1), ("state_recall_queries", 5)),
     ),
     "s5": TaskSpec("s5", 32, 1, (32, 64, 128, 256)),

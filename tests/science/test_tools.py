@@ -148,7 +148,7 @@ def test_grid_precision_reaches_the_trainer():
 
 def test_addressed_recall_grid_task_reaches_the_trainer():
     """state_recall_addr: the spec's generator with an addressed memory and five queries, at a
-    sequence length that holds its longest training example (4 swaps)."""
+    sequence length that holds its longest training example (2 swaps)."""
     from megatron_hybrid.science import expressivity as ex
     from megatron_hybrid.training.cli import parse
 
@@ -162,7 +162,7 @@ def test_addressed_recall_grid_task_reaches_the_trainer():
         True,
         5,
     )
-    assert run.data.seq_length == syn.build().seq_len(4) == 32 + 12 + 8 + 6
+    assert run.data.seq_length == syn.build().seq_len(2) == 32 + 12 + 4 + 6
     assert cell["name"] == "state_recall_addr__transformer__s1"
 
 
