@@ -9,14 +9,11 @@ import dataclasses
 import json
 import math
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from megatron_hybrid.science.architectures import architectures
-
-if TYPE_CHECKING:
-    from megatron_hybrid.science.expressivity import GridConfig, TaskSpec
+from megatron_hybrid.science.grid_config import GridConfig, TaskSpec
 
 
 def summarise(results: list[dict]) -> dict:
