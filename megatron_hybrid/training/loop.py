@@ -31,7 +31,7 @@ from megatron_hybrid.training.faults import fault_iterations as _fault_iteration
 from megatron_hybrid.training.flops import device_peak_tflops, flops_per_token
 from megatron_hybrid.training.helper_processes import checkpoint_writer_helper_init
 from megatron_hybrid.training.loss import masked_lm_head_loss, masked_lm_loss
-from megatron_hybrid.training.metrics import IntervalMeter, Sinks, iteration_line
+from megatron_hybrid.training.metrics import IntervalMeter, Sinks, iteration_line, memory_line
 from megatron_hybrid.training.model_setup import (
     build_model_chunks,
     build_optimizer,
@@ -319,6 +319,7 @@ class Trainer:
         if self.rank == 0:
             self.log(banner(self))
         meter = IntervalMeter(self.iteration)
+        memory_reported = False
         for m in self.chunks:
             m.train()
         while self.iteration < t.train_iters:
@@ -362,6 +363,11 @@ class Trainer:
                 )
                 if self.rank == 0:
                     self.log(line)
+                    if not memory_reported:  # once: the peak after the first full steps
+                        memory_reported = True
+                        mem = memory_line(self.iteration) if self.device.type == "cuda" else None
+                        if mem:
+                            self.log(mem)
                 self.sinks.log(
                     self.iteration,
                     {

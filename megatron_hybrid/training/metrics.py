@@ -43,6 +43,26 @@ def iteration_line(
     return s
 
 
+def memory_line(iteration: int, rank: int = 0, stats: dict | None = None) -> str | None:
+    """Megatron's one-time memory report, so a run's measured peak can be read next to the
+    banner's estimate (training/memory.py). ``stats``: ``torch.cuda.memory_stats()``-style
+    byte counts; None reads the current CUDA device, and without CUDA there is no line."""
+    if stats is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        stats = {
+            "allocated": torch.cuda.memory_allocated(),
+            "max allocated": torch.cuda.max_memory_allocated(),
+            "reserved": torch.cuda.memory_reserved(),
+            "max reserved": torch.cuda.max_memory_reserved(),
+        }
+    mb = 2.0**20
+    body = " | ".join(f"{k}: {v / mb:.1f}" for k, v in stats.items())
+    return f"[Rank {rank}] (after {iteration} iterations) memory (MB) | {body}"
+
+
 class IntervalMeter:
     """What one log line reports about the steps since the previous line: seconds per step and
     the mean losses of the steps that updated the model (Megatron averages over the interval).

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_hybrid.training.metrics import IntervalMeter
+from megatron_hybrid.training.metrics import IntervalMeter, memory_line
 
 
 class Clock:
@@ -57,3 +57,15 @@ def test_losses_are_the_mean_of_applied_steps():
     meter.add({"lm loss": math.inf}, applied=False)
     _, means = meter.take(5, {"lm loss": math.inf})
     assert means == {"lm loss": math.inf}
+
+
+def test_memory_line_has_megatrons_form():
+    stats = {"allocated": 3 * 2**20, "max allocated": 5.5 * 2**20}
+    line = memory_line(20, rank=0, stats=stats)
+    assert (
+        line == "[Rank 0] (after 20 iterations) memory (MB) | allocated: 3.0 | max allocated: 5.5"
+    )
+    import torch
+
+    if not torch.cuda.is_available():  # without CUDA the trainer logs no memory line
+        assert memory_line(20) is None
