@@ -95,3 +95,15 @@ def parse_losses(stdout: str) -> dict[int, tuple[float, float]]:
     for m in re.finditer(LOSS_RE, stdout):
         out[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
     return out
+
+
+def concurrently(*calls):
+    """Call the zero-argument callables (typically each a ``run_python``) at the same time, in
+    threads, and return their results in order; the first exception (in call order) is raised.
+    For independent single-rank subprocesses: a 1-rank run keeps one core busy (run_python sets
+    OMP_NUM_THREADS=1), and the CI machine has two."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TINY_MOCK, parse_losses, run_python, train_cmd
+from tests.conftest import TINY_MOCK, concurrently, parse_losses, run_python, train_cmd
 
-ITERS = ["--train-iters", "6"]
-SAVED_AT = 3
+# 4 iterations of 2 rows (TINY_MOCK's global batch 4 halved: a 4-rank TP 2 x CP 2 step costs
+# ~0.5 s per micro-batch on 2 CPU cores), saved after 2: two iterations continue from the
+# checkpoint, which the resumed runs must reproduce.
+N_ITERS, SAVED_AT = 4, 2
+ITERS = ["--train-iters", str(N_ITERS), "--global-batch-size", "2"]
+AFTER = list(range(SAVED_AT + 1, N_ITERS + 1))
 REL = 2e-4
 CP2 = ["--context-parallel-size", "2"]
 TP2_CP2 = ["--tensor-model-parallel-size", "2", *CP2]
@@ -32,7 +36,7 @@ def train_saving(tmp_path, layout: list[str], nproc: int) -> tuple[dict, str]:
     (an ``iter_N`` directory, which ``--load`` takes as it is)."""
     ckpt = tmp_path / "ckpt"
     losses, _ = train([*layout, "--save", str(ckpt), "--save-interval", str(SAVED_AT)], nproc)
-    assert sorted(losses) == [1, 2, 3, 4, 5, 6], losses
+    assert sorted(losses) == list(range(1, N_ITERS + 1)), losses
     return losses, str(ckpt / f"iter_{SAVED_AT:07d}")
 
 
@@ -41,13 +45,13 @@ def resume_exactly(tmp_path, layout: list[str], nproc: int, uninterrupted: dict,
     ``uninterrupted`` bitwise (which also shows saving did not disturb that run)."""
     resumed, out = train([*layout, "--load", ckpt, "--save", str(tmp_path / "again")], nproc)
     assert f"at iteration {SAVED_AT}" in out and "resumed from" in out, out[-2000:]
-    assert sorted(resumed) == [4, 5, 6], resumed
+    assert sorted(resumed) == AFTER, resumed
     for it in resumed:
         assert resumed[it] == uninterrupted[it], (it, resumed[it], uninterrupted[it])
 
 
 def assert_continues_like(got: dict, ref: dict) -> None:
-    assert sorted(got) == [4, 5, 6], got
+    assert sorted(got) == AFTER, got
     for it in got:
         assert got[it][0] == pytest.approx(ref[it][0], rel=REL), ("lm loss", it, got, ref)
         assert got[it][1] == pytest.approx(ref[it][1], rel=2e-3), ("grad norm", it, got, ref)
@@ -76,11 +80,16 @@ def test_dp2_distributed_optimizer_resumes_exactly_and_loads_at_one_rank(tmp_pat
     # mcore.fix_torch_adam_distributed_optimizer to save/load at all and to resume exactly
     uninterrupted, ckpt = train_saving(tmp_path, DP2_DISTOPT, nproc=2)
     resume_exactly(tmp_path, DP2_DISTOPT, 2, uninterrupted, ckpt)
-    one_rank, _ = train(["--load", ckpt, *DP2_DISTOPT], nproc=1)
+    # the three 1-rank runs below are independent: at the same time (one core each)
+    (one_rank, _), proc, (fresh, _) = concurrently(
+        lambda: train(["--load", ckpt, *DP2_DISTOPT], nproc=1),
+        lambda: run_python(train_cmd(*TINY_MOCK, *ITERS, "--load", ckpt), timeout=300),
+        lambda: train(["--load", ckpt, "--no-load-optim"], nproc=1),
+    )
     assert_continues_like(one_rank, uninterrupted)
     # the plain optimizer cannot read distributed-optimizer states: a clear refusal, and
-    # --no-load-optim takes the weights (iteration 4's loss is computed before any update)
-    proc = run_python(train_cmd(*TINY_MOCK, *ITERS, "--load", ckpt), timeout=300)
+    # --no-load-optim takes the weights (the first resumed iteration's loss is computed before
+    # any update)
     assert proc.returncode != 0 and "--no-load-optim" in proc.stdout + proc.stderr
-    fresh, _ = train(["--load", ckpt, "--no-load-optim"], nproc=1)
-    assert fresh[4][0] == pytest.approx(uninterrupted[4][0], rel=REL)
+    first = SAVED_AT + 1
+    assert fresh[first][0] == pytest.approx(uninterrupted[first][0], rel=REL)
