@@ -21,7 +21,7 @@ from megatron_hybrid.models.olmo_hybrid.config import ConfigError
 from megatron_hybrid.train import main
 from megatron_hybrid.training.cli import parse
 from megatron_hybrid.training.memory import GIB, estimate, estimate_stages, fits, in_flight
-from tests.conftest import run_python
+from tests.conftest import concurrently, run_python
 from tests.training.memory_check import BASE
 
 TE_CASES = ["none", "full_uniform_1", "full_block_1", "selective_core_attn", "selective_gdn",
@@ -40,8 +40,16 @@ def _rows(*args: str, nproc: int = 1) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def measured():
-    rows = _rows("--cases", *TE_CASES) + _rows("--spec", "local", "--cases", *LOCAL_CASES)
-    rows += _rows("--tp", "2", "--sp", "--cases", *TP_CASES, nproc=2)
+    # two subprocesses at once (the CI machine has two cores): the te spec's measurement (the
+    # longest, 1 rank) next to the local spec's (1 rank) and then the TP 2 one (2 ranks)
+    te, others = concurrently(
+        lambda: _rows("--cases", *TE_CASES),
+        lambda: (
+            _rows("--spec", "local", "--cases", *LOCAL_CASES)
+            + _rows("--tp", "2", "--sp", "--cases", *TP_CASES, nproc=2)
+        ),
+    )
+    rows = te + others
     return {
         (r["spec"], "tp2" if "--sequence-parallel" in r["flags"] else "", r["name"]): r
         for r in rows
