@@ -1,7 +1,10 @@
 """Context parallelism is correct for any documents: every CP layout reproduces the 1-rank run
 over seeded, fuzzed document layouts (tests/parallel/document_fuzz.py), and every collective is
-issued in the same order on every rank (one run under TORCH_DISTRIBUTED_DEBUG=DETAIL, which
-checks each collective's type and shapes across ranks before running it).
+issued in the same order on every rank (one run with TORCH_DISTRIBUTED_DEBUG=DETAIL's check of
+each collective's type and shapes across ranks before running it).
+
+The runs of one world size share one launch (tests/parallel/fuzz_train.py ``--then``): the
+startup of a 4-rank launch on 2 CPU cores costs as much as a few training steps.
 
 Why: the GDN mixer's two CP all-gathers once had backward all-reduces whose order followed the
 autograd graph, and that graph depends on where documents start on each rank; a batch whose
@@ -11,10 +14,13 @@ layout tests' mock rows did not trigger it; these rows are built to (docs/parall
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.conftest import parse_losses, run_python
 from tests.parallel.document_fuzz import FuzzDocumentsDataset, row_features
+from tests.parallel.fuzz_train import marker
 from tests.parallel.test_layouts import grad_norms
 
 SEQ, GBS, ITERS = 32, 16, 3  # 48 rows per layout and seed; CP 4 chunks of 4 tokens (halo 3)
@@ -37,26 +43,48 @@ CASES = [("cp2", 11), ("cp2", 12), ("cp4", 12), ("tp2_sp_cp2", 11), ("pp2_cp2", 
 
 def fuzz_args(seed: int, tb) -> list[str]:
     return [
-        "-m", "tests.parallel.fuzz_train", "--preset", "tiny", "--mock-data", "--deterministic",
+        "--preset", "tiny", "--mock-data", "--deterministic",
         "--seed", str(seed), "--seq-length", str(SEQ), "--micro-batch-size", "1",
         "--global-batch-size", str(GBS), "--train-iters", str(ITERS), "--log-interval", "1",
         "--lr", "1e-3", "--lr-warmup-iters", "1", "--tensorboard-dir", str(tb),
     ]  # fmt: skip
 
 
-def run(tmp_path, name: str, seed: int, nproc: int, extra=(), env=None):
-    tb = tmp_path / name
-    proc = run_python(fuzz_args(seed, tb) + list(extra), nproc=nproc, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    losses = {it: loss for it, (loss, _) in parse_losses(proc.stdout).items()}
-    assert sorted(losses) == list(range(1, ITERS + 1)), proc.stdout[-2000:]
-    return losses, grad_norms(tb)
+def launch(tmp, nproc: int, runs: list[tuple[str, int, list[str], bool]]) -> dict:
+    """One launch (``nproc`` ranks) of tests/parallel/fuzz_train.py training ``runs`` (name,
+    seed, layout flags, check every collective) one after another: (name, seed) -> a function
+    that asserts the launch succeeded and returns that run's (lm loss, grad norm) by iteration.
+    """
+    argv = ["-m", "tests.parallel.fuzz_train"]
+    for i, (name, seed, extra, detail) in enumerate(runs):
+        argv += ["--then"] * bool(i) + ["--debug-detail"] * detail
+        argv += fuzz_args(seed, tmp / f"{name}-{seed}") + list(extra)
+    proc = run_python(argv, nproc=nproc, timeout=900)
+
+    def result(i: int, name: str, seed: int):
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        out = proc.stdout.split(marker(i), 1)[1].split(marker(i + 1), 1)[0]
+        losses = {it: loss for it, (loss, _) in parse_losses(out).items()}
+        assert sorted(losses) == list(range(1, ITERS + 1)), (name, seed, out[-2000:])
+        return losses, grad_norms(tmp / f"{name}-{seed}")
+
+    return {
+        (name, seed): functools.partial(result, i, name, seed)
+        for i, (name, seed, _, _) in enumerate(runs)
+    }
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fuzz_ref")
-    return {seed: run(tmp, f"ref{seed}", seed, nproc=1) for seed in SEEDS}
+def trained(tmp_path_factory):
+    """Every run of this module, one launch per world size (1: the references of both seeds; 2;
+    4): (name, seed) -> its result function (``launch``); the 1-rank references as ("ref",
+    seed). The first CP 2 case also checks every collective's type and shape across ranks."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    runs: dict[int, list] = {1: [("ref", seed, [], False) for seed in SEEDS]}
+    for name, seed in CASES:
+        nproc, args = LAYOUTS[name]
+        runs.setdefault(nproc, []).append((name, seed, args, (name, seed) == CASES[0]))
+    return {k: v for nproc, r in runs.items() for k, v in launch(tmp, nproc, r).items()}
 
 
 def chunk_facts(starts: list[int], n: int, cp: int) -> dict[str, bool]:
@@ -97,12 +125,9 @@ def test_fuzz_rows_cover_the_corner_cases():
 
 
 @pytest.mark.parametrize("name,seed", CASES, ids=[f"{n}-seed{s}" for n, s in CASES])
-def test_cp_layout_reproduces_single_rank_on_fuzzed_documents(references, tmp_path, name, seed):
-    nproc, args = LAYOUTS[name]
-    # the first CP 2 case also checks every collective's type and shape across ranks
-    env = {"TORCH_DISTRIBUTED_DEBUG": "DETAIL"} if (name, seed) == CASES[0] else None
-    loss, gnorm = run(tmp_path, name, seed, nproc, args, env=env)
-    ref_loss, ref_gnorm = references[seed]
+def test_cp_layout_reproduces_single_rank_on_fuzzed_documents(trained, name, seed):
+    loss, gnorm = trained[name, seed]()
+    ref_loss, ref_gnorm = trained["ref", seed]()
     for it in range(1, ITERS + 1):
         assert loss[it] == pytest.approx(ref_loss[it], rel=REL), ("lm loss", it, loss, ref_loss)
         assert gnorm[it] == pytest.approx(ref_gnorm[it], rel=REL), ("grad", it, gnorm, ref_gnorm)
