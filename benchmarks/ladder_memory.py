@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--rung-memory-gib", type=float, default=None,
                    help="the rung's share of the card (default: the whole card)")  # fmt: skip
+    p.add_argument("--corpus-mb", type=float, default=400.0,
+                   help="demo corpus size; memory and speed do not depend on it (20 builds fast)")  # fmt: skip
     p.add_argument("--toy", action="store_true", help="tiny rungs on a tiny corpus (CPU)")
     p.add_argument("--json", default=None, help="default <out>/ladder_memory.json")
     a = p.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         names = [r.name for r in cfg.rungs()] if a.rungs == p.get_default("rungs") else None
     else:
         cfg = L.LadderConfig(rung_memory_gib=memory)
-        data = L.prepare_demo_corpus(a.out, 400.0, 8192, site_packages=True)
+        data = L.prepare_demo_corpus(a.out, a.corpus_mb, 8192, site_packages=True)
         names = None
     wanted = names or a.rungs.split(",")
     rungs = {r.name: r for r in cfg.rungs()}
