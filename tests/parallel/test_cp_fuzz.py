@@ -3,7 +3,7 @@ over seeded, fuzzed document layouts (tests/parallel/document_fuzz.py), and ever
 issued in the same order on every rank (one run with TORCH_DISTRIBUTED_DEBUG=DETAIL's check of
 each collective's type and shapes across ranks before running it).
 
-The runs of one world size share one launch (tests/parallel/fuzz_train.py ``--then``): the
+The runs of one world size share one launch (tests/parallel/train_runs.py ``--then``): the
 startup of a 4-rank launch on 2 CPU cores costs as much as a few training steps.
 
 Why: the GDN mixer's two CP all-gathers once had backward all-reduces whose order followed the
@@ -18,10 +18,11 @@ import functools
 
 import pytest
 
-from tests.conftest import parse_losses, run_python
+from tests.conftest import parse_losses
+from tests.parallel import train_runs
 from tests.parallel.document_fuzz import FuzzDocumentsDataset, row_features
-from tests.parallel.fuzz_train import marker
 from tests.parallel.test_layouts import grad_norms
+from tests.parallel.train_runs import DETAIL
 
 SEQ, GBS, ITERS = 32, 16, 3  # 48 rows per layout and seed; CP 4 chunks of 4 tokens (halo 3)
 SEEDS = (11, 12)
@@ -55,15 +56,14 @@ def launch(tmp, nproc: int, runs: list[tuple[str, int, list[str], bool]]) -> dic
     seed, layout flags, check every collective) one after another: (name, seed) -> a function
     that asserts the launch succeeded and returns that run's (lm loss, grad norm) by iteration.
     """
-    argv = ["-m", "tests.parallel.fuzz_train"]
-    for i, (name, seed, extra, detail) in enumerate(runs):
-        argv += ["--then"] * bool(i) + ["--debug-detail"] * detail
-        argv += fuzz_args(seed, tmp / f"{name}-{seed}") + list(extra)
-    proc = run_python(argv, nproc=nproc, timeout=900)
+    argvs = [
+        [DETAIL] * detail + fuzz_args(seed, tmp / f"{name}-{seed}") + list(extra)
+        for name, seed, extra, detail in runs
+    ]
+    _, output = train_runs.launch(argvs, nproc, module="tests.parallel.fuzz_train")
 
     def result(i: int, name: str, seed: int):
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        out = proc.stdout.split(marker(i), 1)[1].split(marker(i + 1), 1)[0]
+        out = output(i)
         losses = {it: loss for it, (loss, _) in parse_losses(out).items()}
         assert sorted(losses) == list(range(1, ITERS + 1)), (name, seed, out[-2000:])
         return losses, grad_norms(tmp / f"{name}-{seed}")

@@ -10,6 +10,7 @@ impossible CP layouts rejected before any process group or model exists.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, TINY_MOCK, parse_losses, run_python, train_cmd
+from tests.parallel import train_runs
 
 SEQ, GBS, ITERS = 64, 4, 4
 BASE = TINY_MOCK  # seq 64, global batch 4, micro-batch 1, --deterministic
@@ -39,18 +41,23 @@ def grad_norms(tb_dir) -> dict[int, float]:
     return out
 
 
+def train_args(tb, args: list[str], iters: int = ITERS) -> list[str]:
+    return [*BASE, "--train-iters", str(iters), "--tensorboard-dir", str(tb), *args]
+
+
+def results(stdout: str, tb, iters: int = ITERS):
+    """(lm loss by iteration, grad norm by iteration) of one run: its output and TensorBoard."""
+    losses = {it: loss for it, (loss, _) in parse_losses(stdout).items()}
+    assert sorted(losses) == list(range(1, iters + 1)), stdout[-2000:]
+    return losses, grad_norms(tb)
+
+
 def train(tmp_path, name: str, args: list[str], nproc: int, iters: int = ITERS):
     """(lm loss by iteration, grad norm by iteration) of one training run."""
     tb = tmp_path / name
-    proc = run_python(
-        train_cmd(*BASE, "--train-iters", str(iters), "--tensorboard-dir", str(tb), *args),
-        nproc=nproc,
-        timeout=240,
-    )
+    proc = run_python(train_cmd(*train_args(tb, args, iters)), nproc=nproc, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    losses = {it: loss for it, (loss, _) in parse_losses(proc.stdout).items()}
-    assert sorted(losses) == list(range(1, iters + 1)), proc.stdout[-2000:]
-    return losses, grad_norms(tb)
+    return results(proc.stdout, tb, iters)
 
 
 def assert_same(got, ref, iters: int = ITERS):
@@ -65,9 +72,34 @@ def assert_same(got, ref, iters: int = ITERS):
         )
 
 
+def _run_results(output, i: int, tb):
+    return results(output(i), tb)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("ref"), "ref", [], nproc=1)
+def trained(tmp_path_factory):
+    """Every run below but the 8-rank one, the runs of one world size in one launch
+    (tests/parallel/train_runs.py: the startup of a launch on 2 CPU cores costs as much as a
+    few steps): name -> a function that asserts its launch succeeded and returns its
+    ``results``. The 1-rank references: "ref" and "ref_nodoc"."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    runs: dict[int, list] = {1: [("ref", []), ("ref_nodoc", NODOC)]}
+    for name, (nproc, args) in LAYOUTS.items():
+        runs.setdefault(nproc, []).append((name, args))
+    runs[2].append(("cp2_nodoc", [*NODOC, CP, "2"]))
+    out = {}
+    for nproc, named in runs.items():
+        _, output = train_runs.launch(
+            [train_args(tmp / name, args) for name, args in named], nproc, timeout=600
+        )
+        for i, (name, _) in enumerate(named):
+            out[name] = functools.partial(_run_results, output, i, tmp / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    return trained["ref"]()
 
 
 def test_mock_documents_cross_cp_chunks():
@@ -110,9 +142,8 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_reproduces_single_rank(reference, tmp_path, name):
-    nproc, args = LAYOUTS[name]
-    assert_same(train(tmp_path, name, args, nproc), reference)
+def test_layout_reproduces_single_rank(trained, reference, name):
+    assert_same(trained[name](), reference)
 
 
 def test_tp2_pp2_cp2_eight_ranks(reference, tmp_path):
@@ -120,12 +151,13 @@ def test_tp2_pp2_cp2_eight_ranks(reference, tmp_path):
     assert_same(train(tmp_path, "tp2pp2cp2", args, nproc=8), reference)
 
 
-def test_cp_without_document_masking_sequence_start_at_chunk(tmp_path):
+NODOC = ["--no-document-masking", "--micro-batch-size", "2"]
+
+
+def test_cp_without_document_masking_sequence_start_at_chunk(trained):
     """Two sequences per micro-batch, no document masking: the only reset is the second
     sequence's start, exactly at CP rank 1's second chunk (row 128, chunks of 32)."""
-    args = ["--no-document-masking", "--micro-batch-size", "2"]
-    ref = train(tmp_path, "ref_nodoc", args, nproc=1)
-    assert_same(train(tmp_path, "cp2_nodoc", [*args, CP, "2"], nproc=2), ref)
+    assert_same(trained["cp2_nodoc"](), trained["ref_nodoc"]())
 
 
 def run_rejected(args: list[str], world: int) -> subprocess.CompletedProcess:

@@ -1,13 +1,13 @@
-"""``python -m tests.parallel.fuzz_train <trainer flags> [--then <trainer flags> ...]``: the real
-trainer (``megatron_hybrid.train``) with ``--mock-data`` rows replaced by the fuzzed document
-layouts of ``tests/parallel/document_fuzz.py`` (seeded by ``--seed``). Used by test_cp_fuzz.py.
+"""``python -m tests.parallel.train_runs <trainer flags> [--then <trainer flags> ...]``: several
+runs of the real trainer (``megatron_hybrid.train``) in one launch (test_layouts.py and, through
+fuzz_train.py, test_cp_fuzz.py; ``launch`` starts one and splits its output by run).
 
 Runs separated by ``--then`` train one after another in the same processes (one launch: the
 interpreter, torch/megatron imports and the default process group are paid once). Each run is
 the trainer's ``main`` as it is, with its own model-parallel groups, model, optimizer and data;
-only the default (world) process group outlives a run. Every rank prints ``FUZZ RUN <i>`` before
+only the default (world) process group outlives a run. Every rank prints ``TRAIN RUN <i>`` before
 run ``i``, between two barriers: everything any rank prints for run ``i`` comes after all of
-them and before any ``FUZZ RUN <i+1>``. ``--debug-detail`` at the start of a run's flags: the
+them and before any ``TRAIN RUN <i+1>``. ``--debug-detail`` at the start of a run's flags: the
 process groups that run creates check every collective's type and shapes across ranks before
 running it (what TORCH_DISTRIBUTED_DEBUG=DETAIL does for a whole process; the world group is
 checked from then on too).
@@ -16,9 +16,6 @@ checked from then on too).
 from __future__ import annotations
 
 import sys
-
-from megatron_hybrid.data import batches
-from tests.parallel.document_fuzz import FuzzDocumentsDataset
 
 SEPARATOR, DETAIL = "--then", "--debug-detail"
 
@@ -34,7 +31,7 @@ def split_runs(argv: list[str]) -> list[list[str]]:
 
 
 def marker(i: int) -> str:
-    return f"FUZZ RUN {i}"
+    return f"TRAIN RUN {i}"
 
 
 def main(argv: list[str]) -> int:
@@ -44,7 +41,6 @@ def main(argv: list[str]) -> int:
     from megatron_hybrid.parallel import state
     from megatron_hybrid.train import main as train_main
 
-    batches.MockDataset = FuzzDocumentsDataset  # what build_datasets makes for --mock-data
     destroy = state.destroy
 
     def destroy_model_parallel() -> None:  # what train_main calls at its end: keep the world
@@ -72,3 +68,22 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def launch(runs: list[list[str]], nproc: int, module: str = __name__, timeout: int = 900):
+    """``python -m <module>`` (this runner, or one that patches the trainer first) with the
+    ``runs`` (trainer flags each; ``[DETAIL, ...]`` for a checked one) on ``nproc`` ranks:
+    the process and a function ``output(i)`` that asserts the launch succeeded and returns what
+    was printed for run ``i``."""
+    from tests.conftest import run_python
+
+    argv = ["-m", module]
+    for i, args in enumerate(runs):
+        argv += [SEPARATOR] * bool(i) + list(args)
+    proc = run_python(argv, nproc=nproc, timeout=timeout)
+
+    def output(i: int) -> str:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc.stdout.split(marker(i), 1)[1].split(marker(i + 1), 1)[0]
+
+    return proc, output
