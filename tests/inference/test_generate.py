@@ -8,13 +8,14 @@ one process).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
 import pytest
 import torch
 
-from tests.conftest import TINY_HF_CONFIG, run_python
+from tests.conftest import TINY_HF_CONFIG, concurrently, run_python
 
 
 def _ok(proc):
@@ -105,24 +106,37 @@ def test_greedy_equals_transformers_generate(converted):
     assert "tokens/s" in proc.stdout
 
 
+def _stdout(args: list[str]) -> str:
+    return _ok(run_python(args)).stdout
+
+
 def test_stops_at_eos_and_sampling_is_seeded(converted):
     hf, ckpt, _, variant = converted
     if variant != "rope_tp2":
         pytest.skip("decoding-control test runs on one variant (keeps CI time down)")
     base = ["tools/generate.py", "--load", ckpt, "--prompt-ids", "5,9,14", "--max-new-tokens"]
-    greedy = _generated(_ok(run_python([*base, "40", "--ignore-eos"])).stdout)[0]
+    sample = [*base, "30", "--ignore-eos", "--temperature", "1.5", "--top-p", "0.95", "--top-k"]
+    # five independent 1-rank processes: at the same time (one core each)
+    greedy, stopped, a, b, c = concurrently(
+        *(
+            functools.partial(_stdout, args)
+            for args in (
+                [*base, "40", "--ignore-eos"],
+                [*base, "40"],
+                [*sample, "50", "--seed", "3"],
+                [*sample, "50", "--seed", "3", "--prompt-ids", "1,2"],
+                [*sample, "50", "--seed", "4"],
+            )
+        )
+    )
+    greedy, stopped = _generated(greedy)[0], _generated(stopped)[0]
     eos = 2  # the fixture config's eos_token_id
-    stopped = _generated(_ok(run_python([*base, "40"])).stdout)[0]
     if eos in greedy:
         assert stopped == greedy[: greedy.index(eos) + 1]
     else:
         assert stopped == greedy
     # and transformers stops at the same place
     assert hf_greedy(hf, "5,9,14", 40, eos=eos)[: len(stopped)] == stopped
-    sample = [*base, "30", "--ignore-eos", "--temperature", "1.5", "--top-p", "0.95", "--top-k"]
-    a = _ok(run_python([*sample, "50", "--seed", "3"])).stdout
-    b = _ok(run_python([*sample, "50", "--seed", "3", "--prompt-ids", "1,2"])).stdout
-    c = _ok(run_python([*sample, "50", "--seed", "4"])).stdout
     assert _generated(a)[0] == _generated(b)[0]
     assert _generated(a)[0] != _generated(c)[0]
     assert _generated(a)[0] != greedy[:30]
@@ -149,8 +163,23 @@ def test_eval_perplexity_equals_transformers_loss(converted):
     heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     base = ["tools/generate.py", "--load", ckpt, "--tokenizer-model", tok]
     base += ["--eval-file", str(heldout), "--no-progress"]
-    whole = _ok(run_python([*base, "--eval-window", "4096"])).stdout
-    chunked = _ok(run_python([*base, "--eval-window", "37"])).stdout
+    prefix = str(tmp / "heldout")
+
+    def indexed_eval():
+        """the same documents preprocessed like training data (no tokenizer needed to evaluate
+        them)"""
+        pre = ["tools/preprocess_data.py", "--input", str(heldout), "--output-prefix", prefix]
+        pre += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok]
+        _ok(run_python([*pre, "--append-eod", "--no-progress"]))
+        indexed = ["tools/generate.py", "--load", ckpt, "--no-progress", "--eval-file"]
+        return _ok(run_python([*indexed, prefix + "_text_document"])).stdout
+
+    # three independent chains of 1-rank processes: at the same time (one core each)
+    whole, chunked, indexed = concurrently(
+        functools.partial(_stdout, [*base, "--eval-window", "4096"]),
+        functools.partial(_stdout, [*base, "--eval-window", "37"]),
+        indexed_eval,
+    )
 
     def parse(out):
         m = re.search(r"^EVAL documents=(\d+) tokens=(\d+) loss=([0-9.]+) perplexity=", out, re.M)
@@ -159,13 +188,6 @@ def test_eval_perplexity_equals_transformers_loss(converted):
 
     docs, tokens, loss = parse(whole)
     assert docs == 2 and parse(chunked)[:2] == (docs, tokens)
-    # the same documents preprocessed like training data (no tokenizer needed to evaluate them)
-    prefix = str(tmp / "heldout")
-    pre = ["tools/preprocess_data.py", "--input", str(heldout), "--output-prefix", prefix]
-    pre += ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok]
-    _ok(run_python([*pre, "--append-eod", "--no-progress"]))
-    indexed = ["tools/generate.py", "--load", ckpt, "--no-progress", "--eval-file"]
-    indexed = _ok(run_python([*indexed, prefix + "_text_document"])).stdout
     assert parse(indexed)[:2] == (docs, tokens)
     assert abs(parse(indexed)[2] - loss) < 1e-6 * max(1.0, loss)
     # state carried across windows: the same loss as reading each document in one piece
