@@ -207,27 +207,39 @@ def test_eval_perplexity_equals_transformers_loss(converted):
     assert abs(nll / n - loss) < 1e-4 * loss, (nll / n, loss)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--prompt-ids", "5,9,100000"], "outside the model's vocabulary"),
-        (["--prompt-ids", "5,x"], "comma-separated integers"),
-        (["--prompt", "hello"], "needs a tokenizer"),
-        (["--eval-file", "/nonexistent.jsonl"], "no such file"),
-        (["--eval-file", "BAD"], "bad.jsonl:2: not JSON"),
-        (["--eval-file", "HALF"], "half.idx not found"),
-        (["--load-iteration-typo"], None),
-    ],
-)
-def test_bad_input_is_one_line_error(converted, extra, message):
+BAD_INPUTS = [
+    (["--prompt-ids", "5,9,100000"], "outside the model's vocabulary"),
+    (["--prompt-ids", "5,x"], "comma-separated integers"),
+    (["--prompt", "hello"], "needs a tokenizer"),
+    (["--eval-file", "/nonexistent.jsonl"], "no such file"),
+    (["--eval-file", "BAD"], "bad.jsonl:2: not JSON"),
+    (["--eval-file", "HALF"], "half.idx not found"),
+    (["--load-iteration-typo"], None),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(converted):
+    """tools/generate.py on each of BAD_INPUTS (nope_gqa only), all at the same time (one core
+    each; they are independent): extra -> the finished process."""
     _, ckpt, tmp, variant = converted
     if variant != "nope_gqa":
         pytest.skip("argument checks run on one variant (keeps CI time down)")
     bad = tmp / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": broken\n')
     (tmp / "half.bin").write_bytes(b"")  # an indexed dataset without its index
-    extra = [str(bad) if e == "BAD" else str(tmp / "half") if e == "HALF" else e for e in extra]
-    proc = run_python(["tools/generate.py", "--load", ckpt, *extra])
+
+    def run(extra):
+        extra = [str(bad) if e == "BAD" else str(tmp / "half") if e == "HALF" else e for e in extra]
+        return run_python(["tools/generate.py", "--load", ckpt, *extra])
+
+    procs = concurrently(*(functools.partial(run, extra) for extra, _ in BAD_INPUTS))
+    return {tuple(extra): proc for (extra, _), proc in zip(BAD_INPUTS, procs)}
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS)
+def test_bad_input_is_one_line_error(bad_input_runs, extra, message):
+    proc = bad_input_runs[tuple(extra)]
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     if message is not None:
