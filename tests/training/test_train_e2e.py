@@ -3,6 +3,7 @@ data errors, TensorBoard, TP/DP layouts and checkpoint resharding."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -11,7 +12,16 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MOCK, free_port, parse_losses, run_python, train_cmd
+from tests.conftest import (
+    ROOT,
+    TINY_MOCK,
+    concurrently,
+    free_port,
+    parse_losses,
+    run_python,
+    train_cmd,
+)
+from tests.parallel import train_runs
 
 ITERS = ["--train-iters", "6"]
 
@@ -25,24 +35,36 @@ def reference():
     return losses
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["--tensor-model-parallel-size", "2"],
-        ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-        ["--use-distributed-optimizer"],
-    ],
-)
-def test_tp_and_dp_reproduce_single_rank(reference, layout):
-    proc = run_python(train_cmd(*TINY_MOCK, *ITERS, *layout), nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = parse_losses(proc.stdout)
+DP2_DISTOPT = ["--use-distributed-optimizer"]
+TWO_RANK_LAYOUTS = [
+    DP2_DISTOPT,
+    ["--tensor-model-parallel-size", "2"],
+    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs():
+    """The 2-rank runs of TWO_RANK_LAYOUTS in one launch (tests/parallel/train_runs.py; the
+    first, DP 2, in fresh processes like the trainer's own launch): the launch's process and
+    layout -> a function giving that run's output (asserting the launch succeeded)."""
+    proc, output = train_runs.launch(
+        [[*TINY_MOCK, *ITERS, *layout] for layout in TWO_RANK_LAYOUTS], nproc=2, timeout=300
+    )
+    return proc, {
+        tuple(layout): functools.partial(output, i) for i, layout in enumerate(TWO_RANK_LAYOUTS)
+    }
+
+
+@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS[1:] + TWO_RANK_LAYOUTS[:1])
+def test_tp_and_dp_reproduce_single_rank(reference, two_rank_runs, layout):
+    got = parse_losses(two_rank_runs[1][tuple(layout)]())
     for it, (loss, gnorm) in reference.items():
         assert got[it][0] == pytest.approx(loss, rel=2e-4), (it, got[it], loss)
         assert got[it][1] == pytest.approx(gnorm, rel=2e-3), (it, got[it], gnorm)
 
 
-def test_sigkill_and_resume_is_bitwise(reference, tmp_path):
+def test_sigkill_and_resume_is_bitwise(reference, two_rank_runs, tmp_path):
     save = str(tmp_path / "ckpt")
     args = train_cmd(*TINY_MOCK, *ITERS, "--save", save, "--load", save, "--save-interval", "3")
     # The job SIGKILLs its own process group (torchrun + both ranks) right after iteration 4 is
@@ -69,8 +91,11 @@ def test_sigkill_and_resume_is_bitwise(reference, tmp_path):
     assert "resumed from" in resumed.stdout and "at iteration 3" in resumed.stdout
     got = parse_losses(resumed.stdout)
     assert sorted(got) == [4, 5, 6]
-    dp2 = run_python(train_cmd(*TINY_MOCK, *ITERS, "--use-distributed-optimizer"), nproc=2)
-    uninterrupted = parse_losses(dp2.stdout) if dp2.returncode == 0 else reference
+    # the uninterrupted DP 2 run: test_tp_and_dp_reproduce_single_rank's (the same command)
+    dp2, outputs = two_rank_runs
+    uninterrupted = (
+        parse_losses(outputs[tuple(DP2_DISTOPT)]()) if dp2.returncode == 0 else reference
+    )
     for it in (4, 5, 6):
         assert got[it] == uninterrupted[it], (it, got[it], uninterrupted[it])
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "6"
@@ -109,33 +134,32 @@ def test_crash_during_save_keeps_previous_checkpoint(reference, tmp_path):
 
 
 def test_nan_steps_are_skipped_counted_and_stop_the_run():
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", MEGATRON_HYBRID_FAULT="nan_loss:2")
-    proc = subprocess.run(
-        [sys.executable, *train_cmd(*TINY_MOCK, "--train-iters", "4")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    def run(fault: str, *args: str) -> subprocess.CompletedProcess:
+        # one thread each: two processes on the CI machine's two cores (OpenMP threads beyond
+        # the cores spin-wait and make both runs several times slower)
+        env = dict(
+            os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", MEGATRON_HYBRID_FAULT=fault
+        )
+        return subprocess.run(
+            [sys.executable, *train_cmd(*TINY_MOCK, *args)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    # the two runs are independent: at the same time (one core each)
+    proc, stopped = concurrently(
+        lambda: run("nan_loss:2", "--train-iters", "4"),
+        lambda: run("nan_loss:2,3,4", "--train-iters", "6", "train.max_consecutive_nan=3"),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if "iteration " in ln]
     assert "number of nan iterations:   1" in lines[1] and "lm loss: NAN" in lines[1]
     assert "number of nan iterations:   1" in lines[3] and "lm loss: NAN" not in lines[3]
-    env["MEGATRON_HYBRID_FAULT"] = "nan_loss:2,3,4"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            *train_cmd(*TINY_MOCK, "--train-iters", "6", "train.max_consecutive_nan=3"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "3 consecutive iterations with NaN/inf" in proc.stderr
+    assert stopped.returncode == 3, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert "3 consecutive iterations with NaN/inf" in stopped.stderr
 
 
 def test_reshard_tp2_checkpoint_loads_at_tp1(reference, tmp_path):
