@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from megatron_hybrid.conversion.hf_files import normalize_hf_names
 from megatron_hybrid.models.olmo_hybrid.hf_mapping import config_from_hf, split_fused_conv
 from tests.conftest import ROOT, TINY_HF_CONFIG, TINY_MOCK, run_python, train_cmd
+from tests.parallel import train_runs
 
 TRAIN_2 = [*TINY_MOCK, "--train-iters", "2"]
 
@@ -84,21 +85,18 @@ def _sentencepiece(tmp) -> str:
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     tp2, pp2 = str(tmp / "tp2"), str(tmp / "pp2vp2")
-    _ok(run_python(train_cmd(*TRAIN_2, "--tensor-model-parallel-size", "2", "--save", tp2), 2))
-    _ok(
-        run_python(
-            train_cmd(
-                *TRAIN_2,
-                "--pipeline-model-parallel-size",
-                "2",
-                "--virtual-pipeline-model-parallel-size",
-                "2",
-                "--save",
-                pp2,
-            ),
-            2,
-        )
+    # both 2-rank trainings in one launch (tests/parallel/train_runs.py)
+    tp2_args = ["--tensor-model-parallel-size", "2", "--save", tp2]
+    pp2_args = [
+        "--pipeline-model-parallel-size",
+        "2",
+        "--virtual-pipeline-model-parallel-size",
+        "2",
+    ]
+    _, output = train_runs.launch(
+        [[*TRAIN_2, *tp2_args], [*TRAIN_2, *pp2_args, "--save", pp2]], nproc=2, timeout=300
     )
+    output(0), output(1)  # asserts the launch succeeded
     return tmp, tp2, pp2
 
 
