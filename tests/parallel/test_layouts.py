@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY_MOCK, parse_losses, run_python, train_cmd
+from tests.conftest import ROOT, TINY_MOCK, concurrently, parse_losses, run_python, train_cmd
 from tests.parallel import train_runs
 
 SEQ, GBS, ITERS = 64, 4, 4
@@ -175,20 +175,28 @@ def run_rejected(args: list[str], world: int) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(
-    "args, world, message",
-    [
-        (
-            [CP, "4", "--seq-length", "60"],
-            4,
-            "micro_batch_size x seq_length = 1 x 60 = 60 is not divisible by 2 x CP = 2 x 4 = 8",
-        ),
-        ([CP, "2", "--spec", "te"], 2, "needs the local layer spec"),
-        ([CP, "8", "--seq-length", "32"], 8, "chunks of 2 tokens"),
-    ],
-)
-def test_impossible_cp_layout_is_rejected_first(args, world, message):
-    proc = run_rejected(args, world)
+REJECTED = [
+    (
+        [CP, "4", "--seq-length", "60"],
+        4,
+        "micro_batch_size x seq_length = 1 x 60 = 60 is not divisible by 2 x CP = 2 x 4 = 8",
+    ),
+    ([CP, "2", "--spec", "te"], 2, "needs the local layer spec"),
+    ([CP, "8", "--seq-length", "32"], 8, "chunks of 2 tokens"),
+]
+
+
+@pytest.fixture(scope="module")
+def rejected_runs():
+    """run_rejected of every REJECTED layout, all at the same time (independent 1-thread
+    processes): (args, world) -> the finished process."""
+    procs = concurrently(*(functools.partial(run_rejected, a, w) for a, w, _ in REJECTED))
+    return {(tuple(a), w): proc for (a, w, _), proc in zip(REJECTED, procs)}
+
+
+@pytest.mark.parametrize("args, world, message", REJECTED)
+def test_impossible_cp_layout_is_rejected_first(rejected_runs, args, world, message):
+    proc = rejected_runs[tuple(args), world]
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "iteration" not in proc.stdout
