@@ -15,7 +15,7 @@ import pytest
 from megatron_hybrid.data import batches
 from megatron_hybrid.data.preprocess import CorpusError, preprocess
 from megatron_hybrid.data.tokenizer_training import train_sentencepiece
-from tests.conftest import TINY_MOCK, run_python, train_cmd
+from tests.conftest import TINY_MOCK, concurrently, run_python, train_cmd
 
 DOCS = [f"def function_{i}(x):\n    return x * {i} + {i * i}  # number {i}\n" for i in range(120)]
 
@@ -269,8 +269,12 @@ def test_generate_warns_past_the_trained_length(tmp_path):
     ))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     ids = ",".join(str(i) for i in range(1, 21))  # 20 prompt tokens
-    gen = run_python(["tools/generate.py", "--load", ckpt, "--prompt-ids", ids,
-                      "--max-new-tokens", "8"])  # fmt: skip
+    gen, short = concurrently(  # two independent 1-rank processes: at the same time
+        lambda: run_python(["tools/generate.py", "--load", ckpt, "--prompt-ids", ids,
+                            "--max-new-tokens", "8"]),
+        lambda: run_python(["tools/generate.py", "--load", ckpt, "--prompt-ids", "1,2,3",
+                            "--max-new-tokens", "4"]),
+    )  # fmt: skip
     assert gen.returncode == 0, gen.stderr[-3000:]
     warnings = [ln for ln in gen.stderr.splitlines() if ln.startswith("warning: ")]
     assert warnings == [
@@ -279,8 +283,6 @@ def test_generate_warns_past_the_trained_length(tmp_path):
         "trained on such lengths, expect degraded output"
     ], gen.stderr[-2000:]
     assert "GENERATED ids=" in gen.stdout
-    short = run_python(["tools/generate.py", "--load", ckpt, "--prompt-ids", "1,2,3",
-                        "--max-new-tokens", "4"])  # fmt: skip
     assert short.returncode == 0 and "warning:" not in short.stderr
 
 
