@@ -13,12 +13,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
 from megatron_hybrid.train import main
-from tests.conftest import TINY_MOCK, parse_losses, run_python, train_cmd
+from tests.conftest import TINY_MOCK, concurrently, parse_losses, run_python, train_cmd
+from tests.parallel import train_runs
 
 SELECTIVE = ["core_attn", "gdn", "mlp", "layernorm"]
 
@@ -32,8 +34,12 @@ def _check(*args: str, env=None) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def rows():
-    # two processes: Triton's interpreter mode is process-wide and would slow the torch cases
-    return {**_check(), **_check("--triton", env={"TRITON_INTERPRET": "1"})}
+    # two processes: Triton's interpreter mode is process-wide and would slow the torch cases;
+    # at the same time (one core each)
+    torch_rows, triton_rows = concurrently(
+        _check, lambda: _check("--triton", env={"TRITON_INTERPRET": "1"})
+    )
+    return {**torch_rows, **triton_rows}
 
 
 # which counters each setting must double (pattern G-*-G-G-: 8 sub-layers, 1 attention core,
@@ -110,30 +116,37 @@ def reference():
     return losses
 
 
+RECOMPUTE_LAYOUTS = {
+    "pp2_distopt_full_block": (
+        ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"],
+        ["--recompute-granularity", "full", "--recompute-method", "block",
+         "--recompute-num-layers", "1"],
+    ),
+    "cp2_selective_all": (
+        ["--context-parallel-size", "2"],
+        ["--recompute-granularity", "selective", "--recompute-modules", *SELECTIVE],
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def recompute_layout_runs():
+    """The 2-rank runs of RECOMPUTE_LAYOUTS in one launch (tests/parallel/train_runs.py): name
+    -> that run's output (the function asserts the launch succeeded)."""
+    runs = [[*E2E, *layout, *flags] for layout, flags in RECOMPUTE_LAYOUTS.values()]
+    _, output = train_runs.launch(runs, nproc=2, timeout=600)
+    return {name: functools.partial(output, i) for i, name in enumerate(RECOMPUTE_LAYOUTS)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "layout, flags",
-    [
-        (
-            ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"],
-            ["--recompute-granularity", "full", "--recompute-method", "block"],
-        ),
-        (
-            ["--context-parallel-size", "2"],
-            ["--recompute-granularity", "selective", "--recompute-modules", *SELECTIVE],
-        ),
-    ],
-    ids=["pp2_distopt_full_block", "cp2_selective_all"],
-)
-def test_trainer_parallel_layouts_with_recompute(reference, layout, flags):
-    if "full" in flags:
-        flags = [*flags, "--recompute-num-layers", "1"]
-    proc = run_python(train_cmd(*E2E, *layout, *flags), nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.parametrize("name", list(RECOMPUTE_LAYOUTS))
+def test_trainer_parallel_layouts_with_recompute(reference, recompute_layout_runs, name):
+    flags = RECOMPUTE_LAYOUTS[name][1]
+    stdout = recompute_layout_runs[name]()
     assert "activation recompute: " + ("full, block" if "full" in flags else "selective") in (
-        proc.stdout
+        stdout
     )
-    got = parse_losses(proc.stdout)
+    got = parse_losses(stdout)
     assert sorted(got) == [1, 2]
     for it, (loss, gnorm) in reference.items():
         assert got[it][0] == pytest.approx(loss, rel=2e-4), (it, got[it], loss)
