@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -40,17 +39,6 @@ def card_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 2**30
-
-
-def estimate_gib(cfg, rung, data, mbs: int) -> float:
-    from megatron_hybrid.science.ladder import rung_argv
-    from megatron_hybrid.training.cli import parse
-    from megatron_hybrid.training.loop import resolve_vocab
-    from megatron_hybrid.training.memory import GIB, estimate
-
-    run, _ = parse(rung_argv(cfg, rung, data, 1, "/nonexistent", micro_batch=mbs))
-    _, vocab, _ = resolve_vocab(run, 1)
-    return estimate(replace(run, model=run.model.replace(vocab_size=vocab)), 1).total / GIB
 
 
 def measure(cfg, rung, data, steps: int, out: str) -> dict:
@@ -74,9 +62,9 @@ def measure(cfg, rung, data, steps: int, out: str) -> dict:
     with open(os.path.join(out, rung.name + ".log"), "w") as f:
         f.write(text)
     row = {"rung": rung.name, "micro_batch": mbs, "rc": proc.returncode,
-           "estimate_gib": round(estimate_gib(cfg, rung, data, mbs), 2),
+           "estimate_gib": round(L.rung_estimate_gib(cfg, rung, data, mbs), 2),
            "seconds": round(time.time() - t0, 1)}  # fmt: skip
-    row["padded_gib"] = round(row["estimate_gib"] * L._ESTIMATE_SLACK + L._CONTEXT_GIB, 2)
+    row["padded_gib"] = round(L.padded_need_gib(row["estimate_gib"]), 2)
     m = MEM.search(text)
     if m:
         alloc, max_alloc, res, max_res = (float(x) / 1024 for x in m.groups())

@@ -108,19 +108,31 @@ def micro_batch_for(cfg: LadderConfig, rung: Rung, data: dict) -> int:
         return min(cfg.micro_batch_size, cfg.global_batch_size)
     if not cfg.rung_memory_gib:
         return min(16, cfg.global_batch_size)
-    from megatron_hybrid.training.cli import parse
-    from megatron_hybrid.training.loop import resolve_vocab
-    from megatron_hybrid.training.memory import FIT_FRACTION, GIB, estimate
+    from megatron_hybrid.training.memory import FIT_FRACTION
 
     tried = [m for m in (64, 32, 16, 8, 4, 2, 1) if cfg.global_batch_size % m == 0]
     for mbs in tried:
-        run, _ = parse(rung_argv(cfg, rung, data, 1, "/nonexistent", micro_batch=mbs))
-        _, vocab, _ = resolve_vocab(run, 1)
-        run = replace(run, model=run.model.replace(vocab_size=vocab))
-        need = estimate(run, 1).total / GIB * _ESTIMATE_SLACK + _CONTEXT_GIB
-        if need <= FIT_FRACTION * cfg.rung_memory_gib:
+        if padded_need_gib(rung_estimate_gib(cfg, rung, data, mbs)) <= (
+            FIT_FRACTION * cfg.rung_memory_gib
+        ):
             return mbs
     return tried[-1]
+
+
+def rung_estimate_gib(cfg: LadderConfig, rung: Rung, data: dict, micro_batch: int) -> float:
+    """training/memory.py's estimate of the rung's max allocated memory at ``micro_batch``."""
+    from megatron_hybrid.training.cli import parse
+    from megatron_hybrid.training.loop import resolve_vocab
+    from megatron_hybrid.training.memory import GIB, estimate
+
+    run, _ = parse(rung_argv(cfg, rung, data, 1, "/nonexistent", micro_batch=micro_batch))
+    _, vocab, _ = resolve_vocab(run, 1)
+    return estimate(replace(run, model=run.model.replace(vocab_size=vocab)), 1).total / GIB
+
+
+def padded_need_gib(estimate_gib: float) -> float:
+    """What a rung process holds on the card for that estimate (measured pad, above)."""
+    return estimate_gib * _ESTIMATE_SLACK + _CONTEXT_GIB
 
 
 def rung_argv(

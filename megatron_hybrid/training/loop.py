@@ -365,7 +365,7 @@ class Trainer:
                     self.log(line)
                     if not memory_reported:  # once: the peak after the first full steps
                         memory_reported = True
-                        mem = memory_line(self.iteration) if self.device.type == "cuda" else None
+                        mem = memory_line(self.iteration)  # None without CUDA
                         if mem:
                             self.log(mem)
                 self.sinks.log(
